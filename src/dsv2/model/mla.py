@@ -1,0 +1,143 @@
+"""Multi-head Latent Attention (MODEL_SPEC section 2), in its two forms:
+
+- decompressed: kv_b_proj expands the latent into per-head keys and values, then SDPA. Used for training, the
+  plain forward and prefill chunks.
+- absorbed: W_UK is folded into the query and W_UV applied after attention, so decode reads only the cached
+  576-wide latent [c_kv | k_pe] -- multi-query attention with one key head. Used for decode over the paged cache.
+
+Shape legend: B batch, T tokens of a sequence, N flat tokens of an engine step, L context length,
+n heads, Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dq = Dn + Dr, Dv v_head_dim, R kv_lora_rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rope
+
+
+@dataclass
+class PagedAttention:
+    """One engine step's attention metadata, built by the engine's runner and shared by every layer.
+
+    The step's tokens are flat [N]; sequences are listed decode-first. Sequence s owns the flat tokens
+    query_ranges[s] = (start, end) and its whole context (cached prefix + this step's tokens) lives in the cache
+    slots seq_slots[s] [L_s] (slot = block * block_size + offset). The first num_decode sequences have exactly
+    one token each and attend in the absorbed form; the others are prefill chunks (decompressed form).
+    """
+    kv_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, R + Dr]
+    slot_mapping: torch.Tensor  # [N] where each new token's latent is written
+    seq_slots: list[torch.Tensor]  # per sequence [L_s]
+    query_ranges: list[tuple[int, int]]
+    num_decode: int
+    decode_slots: torch.Tensor | None = None  # concat of seq_slots[:num_decode]: one gather for all decodes
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = n = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim, self.rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
+        self.softmax_scale = cfg.softmax_scale  # d_q^-0.5 * mscale^2, never latent_dim^-0.5
+        H, Dq, bias = cfg.hidden_size, cfg.qk_head_dim, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, n * Dq, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, n * Dq, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(n * cfg.v_head_dim, H, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: PagedAttention | None = None) -> torch.Tensor:
+        """x [B, T, H] (plain causal forward) or [N, H] with `attn` (engine step); cos/sin [B, T, Dr/2] or [N, Dr/2]."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.unflatten(-1, (self.n_heads, -1))  # [..., n, Dq]
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [..., R]: the latent that is cached
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2))  # k_pe: ONE rope key shared by all heads
+        k_pe = apply_rope(k_pe, cos, sin)  # [..., Dr]
+        if attn is None:
+            out = self.attend_decompressed(q_nope, q_pe, c_kv, k_pe)  # [B, T, n, Dv]
+        else:
+            out = self._attend_paged(q_nope, q_pe, c_kv, k_pe, attn)  # [N, n, Dv]
+        return self.o_proj(out.flatten(-2))
+
+    # ---- the two forms --------------------------------------------------------------------------------------
+    def attend_decompressed(self, q_nope, q_pe, c_kv, k_pe, q_offset: int = 0) -> torch.Tensor:
+        """Queries [B, T, n, *] against latents [B, L, *] (L >= T); query t sits at position q_offset + t."""
+        T, L = q_nope.shape[-3], c_kv.shape[-2]
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, -1))  # [B, L, n, Dn + Dv]
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(-3, -2)  # [B, n, T, Dq]
+        k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope)], dim=-1).transpose(-3, -2)
+        v = v.transpose(-3, -2)  # [B, n, L, Dv]
+        if q_offset == 0 and T == L:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:  # a chunk after a cached prefix: query t sees keys 0 .. q_offset + t
+            mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=q_offset)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        return out.transpose(-3, -2)  # [B, T, n, Dv]
+
+    def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """[..., n, Dn], [..., n, Dr] -> the 576-wide latent-space query [..., n, R + Dr] (q_lat = W_UK^T q_nope)."""
+        w_uk = self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))[:, :self.nope]  # [n, Dn, R]
+        q_lat = torch.einsum("...hd,hdr->...hr", q_nope, w_uk)
+        return torch.cat([q_lat, q_pe], dim=-1)
+
+    def absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """Latent attention output [..., n, R] -> per-head values [..., n, Dv] (o = W_UV o_lat)."""
+        w_uv = self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))[:, self.nope:]  # [n, Dv, R]
+        return torch.einsum("...hr,hvr->...hv", o_lat, w_uv)
+
+    def attend_latent(self, q_abs: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """One query position's heads [n, R + Dr] against its context's latents [L, R + Dr] -> [n, R]."""
+        scores = (q_abs @ latent.T).float() * self.softmax_scale  # [n, L]
+        p = scores.softmax(dim=-1).to(latent.dtype)
+        return p @ latent[:, :self.rank]  # value = the first R columns of the key
+
+    # ---- engine step over the paged latent cache ---------------------------------------------------------
+    def _attend_paged(self, q_nope, q_pe, c_kv, k_pe, attn: PagedAttention) -> torch.Tensor:
+        cache = attn.kv_caches[self.layer_idx]
+        flat = cache.view(-1, cache.shape[-1])  # [num_blocks * block_size, R + Dr]
+        latent_new = torch.cat([c_kv, k_pe], dim=-1)  # [N, R + Dr]
+        flat.index_copy_(0, attn.slot_mapping, latent_new.to(flat.dtype))
+        out = q_nope.new_empty(*q_nope.shape[:-1], self.v_dim)  # [N, n, Dv]
+
+        D = attn.num_decode
+        if D:
+            q_abs = self.absorb_query(q_nope[:D], q_pe[:D])  # [D, n, R + Dr]
+            ctx = flat.index_select(0, attn.decode_slots)  # [sum L_s, R + Dr], one gather for all
+            o_lat, start = [], 0
+            for s in range(D):
+                L = attn.seq_slots[s].numel()
+                o_lat.append(self.attend_latent(q_abs[s], ctx[start:start + L]))
+                start += L
+            out[:D] = self.absorbed_output(torch.stack(o_lat))
+
+        for s in range(D, len(attn.query_ranges)):
+            a, b = attn.query_ranges[s]
+            slots = attn.seq_slots[s]
+            L = slots.numel()
+            if L == b - a:  # no cached prefix: this chunk's own latents are the whole context
+                ctx_c, ctx_pe = c_kv[a:b], k_pe[a:b]
+            else:
+                ctx_c, ctx_pe = flat.index_select(0, slots).split([self.rank, self.rope], dim=-1)
+                ctx_c, ctx_pe = ctx_c.to(c_kv.dtype), ctx_pe.to(k_pe.dtype)
+            out[a:b] = self.attend_decompressed(q_nope[None, a:b], q_pe[None, a:b], ctx_c[None], ctx_pe[None],
+                                                q_offset=L - (b - a))[0]
+        return out

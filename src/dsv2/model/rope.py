@@ -1,0 +1,62 @@
+"""Rotary embedding on the 64 decoupled rope dims (MODEL_SPEC section 3): YaRN / linear / dynamic / plain tables
+in fp32, applied to *interleaved* pairs (x[2j], x[2j+1]) -- the layout the checkpoints were trained with.
+
+Shapes: P = any leading position dims, D = qk_rope_head_dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import ModelConfig, yarn_get_mscale
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [D/2] (fp32) and the cos/sin amplitude multiplier for the config's rope type."""
+    d, theta, rs = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling
+    exponents = torch.arange(0, d, 2, dtype=torch.float32, device=device) / d
+    kind = cfg.rope_type
+    if kind == "dynamic" and seq_len is not None and seq_len > cfg.max_position_embeddings:
+        # NTK-aware base stretch, recomputed from the longest position this forward sees
+        f = rs["factor"]
+        theta = theta * ((f * seq_len / cfg.max_position_embeddings) - (f - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / (theta ** exponents)
+    if kind == "linear":
+        return inv_freq / rs["factor"], 1.0
+    if kind != "yarn":
+        return inv_freq, 1.0
+
+    factor = rs["factor"]
+    original = rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), d - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1.0 - ramp  # 1 on the fast (high-frequency) dims, which keep their original frequency
+    inv_freq = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
+    # mscale defaults as in DeepSeek's reference code: mscale 1, mscale_all_dim 0 (-> denominator 1)
+    amplitude = yarn_get_mscale(factor, rs.get("mscale", 1) or 0) / yarn_get_mscale(factor, rs.get("mscale_all_dim", 0) or 0)
+    return inv_freq, float(amplitude)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [*P, D/2] in fp32 for integer positions [*P]."""
+    seq_len = int(positions.max()) + 1 if cfg.rope_type == "dynamic" and positions.numel() else None
+    inv_freq, amplitude = rope_inv_freq(cfg, seq_len, positions.device)
+    angles = positions.float()[..., None] * inv_freq  # [*P, D/2]
+    return angles.cos() * amplitude, angles.sin() * amplitude
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [..., D] by tables [..., D/2] (broadcast), in fp32, back to x's dtype."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [..., D/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
