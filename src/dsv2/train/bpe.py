@@ -38,8 +38,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 32000,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     assert tok.token_to_id(BOS) == 0 and tok.token_to_id(EOS) == 1
-    # Mirrors add_bos_token=true for tools that read only tokenizer.json; dsv2.Tokenizer ignores the
-    # post-processor and adds bos itself.
+    # transformers 5 ignores add_bos_token when tokenizer.json exists and adds bos only through this
+    # post-processor; dsv2.Tokenizer drops it and follows add_bos_token instead. Both then agree.
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                        special_tokens=[(BOS, 0)])
 

@@ -1,0 +1,244 @@
+"""Hugging Face safetensors checkpoints (one file, or shards + model.safetensors.index.json) <-> Transformer.
+
+Loading validates every file's header against the model the config describes (names, shapes, dtypes, sizes) before
+a byte of weight is read, then streams tensor by tensor into a model allocated once in the target dtype, so peak
+memory stays near one copy of the model. Per-expert checkpoint tensors are copied straight into their slice of the
+stacked expert weights. Nothing from the model directory is ever executed (no pickles, no remote code).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import Transformer, build_model
+from .model.moe import Experts
+from .progress import Progress
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config; the message names the file and key."""
+
+
+def checkpoint_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Published key -> the tensor (or slice of a stacked expert tensor) of `model` it corresponds to.
+    Loading copies into these views; saving writes them out."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            I = module.down_proj.shape[-1]
+            for e in range(module.gate_up_proj.shape[0]):
+                out[f"{name}.{e}.gate_proj.weight"] = module.gate_up_proj.data[e, :I]
+                out[f"{name}.{e}.up_proj.weight"] = module.gate_up_proj.data[e, I:]
+                out[f"{name}.{e}.down_proj.weight"] = module.down_proj.data[e]
+    for name, p in model.named_parameters():
+        if ".experts." not in name and not (name == "lm_head.weight" and model.config.tie_word_embeddings):
+            out[name] = p.data
+    return out
+
+
+def expected_keys(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight name a checkpoint for `cfg` holds, with its shape (no memory allocated)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in checkpoint_tensors(model).items()}
+
+
+# ---- locating and validating files -------------------------------------------------------------------------
+def resolve_model_path(path: str | os.PathLike) -> str:
+    """A local directory as is; otherwise a Hugging Face repo id resolved through huggingface_hub's cache."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path} is a file; pass the model directory that holds config.json and *.safetensors")
+    if not _HUB_ID.match(path):
+        raise CheckpointError(f"no model directory at {path!r}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{path!r} is not a local directory; to use a Hugging Face repo id install "
+                              "huggingface_hub (pip install 'dsv2[hub]') or download it and pass the directory") from None
+    patterns = ["*.json", "*.safetensors", "tokenizer*"]
+    try:
+        return snapshot_download(path, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass
+    try:
+        return snapshot_download(path, allow_patterns=patterns)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path!r} is neither a local directory nor in the Hugging Face cache, and downloading it failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). On a connected machine run "
+            f"`huggingface-cli download {path}`, or pass a local directory.") from None
+
+
+def read_header(file: str) -> dict[str, dict]:
+    """Parse a safetensors header and check it against the file size (catches truncated and garbage files)."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{file}: only {size} bytes, not a safetensors file (truncated?)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100 << 20:
+                raise CheckpointError(f"{file}: header length {n} does not fit in a {size}-byte file (truncated or not safetensors)")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    data_size, end_max = size - 8 - n, 0
+    for key, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            nbytes = numel * _DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: corrupt header entry for {key!r}: {info!r}") from None
+        if end - begin != nbytes:
+            raise CheckpointError(f"{file}: {key!r} claims {end - begin} bytes but shape {info['shape']} "
+                                  f"{info['dtype']} needs {nbytes} (corrupt file)")
+        end_max = max(end_max, end)
+    if end_max > data_size:
+        raise CheckpointError(f"{file}: truncated -- the header describes {end_max} bytes of tensor data but only "
+                              f"{data_size} are present. Download the file again.")
+    return header
+
+
+def checkpoint_files(directory: str) -> dict[str, str]:
+    """Key -> file for a directory's safetensors weights, checking that every file the index names exists."""
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        by_file = defaultdict(list)
+        for key, fname in weight_map.items():
+            by_file[fname].append(key)
+        for fname, keys in by_file.items():
+            if not os.path.isfile(os.path.join(directory, fname)):
+                raise CheckpointError(f"{index} names shard {fname!r} (holding {keys[0]!r} and {len(keys) - 1} more "
+                                      f"tensors) but {os.path.join(directory, fname)} does not exist")
+        return {k: os.path.join(directory, v) for k, v in weight_map.items()}
+    single = os.path.join(directory, SINGLE_FILE)
+    if os.path.isfile(single):
+        return {k: single for k in read_header(single)}
+    if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(directory)):
+        raise CheckpointError(f"{directory} holds only pickle weights (*.bin); dsv2 loads safetensors only, since "
+                              "unpickling can run arbitrary code. Convert them once with a trusted tool.")
+    raise CheckpointError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def validate(cfg: ModelConfig, directory: str) -> dict[str, str]:
+    """Check names, shapes and dtypes of every tensor against `cfg` without reading weights; key -> file."""
+    files = checkpoint_files(directory)
+    headers = {f: read_header(f) for f in sorted(set(files.values()))}
+    expected = expected_keys(cfg)
+    missing = [k for k in expected if k not in files]
+    if missing:
+        raise CheckpointError(f"{directory}: {len(missing)} weight(s) missing for this config.json, e.g. "
+                              f"{missing[:3]}. Is config.json from the same model as the weights?")
+    unexpected = [k for k in files if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{directory}: {len(unexpected)} unexpected weight(s), e.g. {unexpected[:3]} "
+                              f"(in {os.path.basename(files[unexpected[0]])}); config.json describes a different model")
+    for key, file in files.items():
+        info = headers[file].get(key)
+        if info is None:
+            raise CheckpointError(f"{file}: the index says it holds {key!r}, but it does not")
+        if tuple(info["shape"]) != expected[key]:
+            raise CheckpointError(f"{file}: {key!r} has shape {tuple(info['shape'])}, expected {expected[key]} "
+                                  f"from config.json")
+        if info["dtype"] not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{file}: {key!r} is stored as {info['dtype']}; expected a floating-point dtype")
+    return files
+
+
+# ---- loading and saving ----------------------------------------------------------------------------------
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", progress: bool = False) -> Transformer:
+    """Load a Hugging Face DeepSeek-V2 directory (or hub repo id) into a Transformer in `dtype` on `device`."""
+    directory = resolve_model_path(path)
+    cfg = ModelConfig.from_pretrained(directory)
+    files = validate(cfg, directory)
+    model = build_model(cfg, dtype=dtype, device=device, init=False)
+    targets = checkpoint_tensors(model)
+    by_file = defaultdict(list)
+    for key, file in files.items():
+        by_file[file].append(key)
+    bar = Progress(len(files), "loading weights", unit="tensors", enabled=progress)
+    for file in sorted(by_file):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in by_file[file]:
+                    targets[key].copy_(f.get_tensor(key))  # converts dtype (and device) in one copy
+                    bar.update(1)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors errors on damaged data
+            raise CheckpointError(f"{file}: could not read tensors ({type(e).__name__}: {e})") from None
+    bar.close()
+    return model.eval()
+
+
+def save_model(model: Transformer, directory: str | os.PathLike, max_shard_bytes: int = 5 << 30,
+               dtype: torch.dtype | None = None) -> None:
+    """Write config.json and safetensors in the published layout (per-expert keys), sharded above
+    max_shard_bytes with a model.safetensors.index.json, so that dsv2 and transformers both load it."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tensors = checkpoint_tensors(model)
+    itemsize = lambda t: t.element_size() if dtype is None else torch.finfo(dtype).bits // 8
+    shards, current, size = [], [], 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * itemsize(t)
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += nbytes
+    shards.append(current)
+    for stale in os.listdir(directory):  # a previous save with another shard count must not leave orphans
+        if stale.endswith(".safetensors") or stale == INDEX_FILE:
+            os.remove(os.path.join(directory, stale))
+    weight_map, total = {}, 0
+    for i, keys in enumerate(shards):  # one shard in memory at a time (experts are sliced views until here)
+        fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        chunk = {k: tensors[k].detach().to(device="cpu", dtype=dtype).contiguous() for k in keys}
+        total += sum(t.numel() * t.element_size() for t in chunk.values())
+        _atomic_save(chunk, os.path.join(directory, fname))
+        weight_map.update({k: fname for k in keys})
+        del chunk
+    if len(shards) > 1:
+        with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    cfg = model.config
+    if dtype is not None or cfg.torch_dtype is None:
+        d = dtype or next(p.dtype for n, p in model.named_parameters() if not n.endswith("gate.weight"))
+        cfg = cfg.replace(torch_dtype=str(d).removeprefix("torch."))
+    cfg.save(directory)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], file: str) -> None:
+    tmp = file + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, file)

@@ -1,0 +1,46 @@
+"""`dsv2` command line: parses and dispatches; each command's work lives in its own subsystem.
+
+    dsv2 info PATH [--json]          architecture, parameter counts, latent KV-cache size
+    dsv2 --help / dsv2 COMMAND --help
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsv2", description="DeepSeek-V2 on PyTorch: run, serve and train the DeepSeek-V2 family.",
+        epilog="Run `dsv2 COMMAND --help` for the options of one command.")
+    parser.add_argument("--version", action="version", version=f"dsv2 {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (info,):
+        module.register(sub)
+    return parser
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # config / checkpoint / request errors speak for themselves
+        print(f"dsv2 {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""`dsv2 info PATH`: what a DeepSeek-V2 config describes -- works on a directory holding only config.json."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="architecture summary, parameter counts and KV-cache size of a model",
+                       description="Summarise a DeepSeek-V2 model from its config.json (no weights needed): "
+                                   "layers, MLA and MoE shapes, total and per-token parameters, and the latent "
+                                   "KV-cache bytes per token next to what a per-head K/V cache would take.")
+    p.add_argument("path", nargs="?", default=None,
+                   help="model directory or config.json (default: the model shipped with dsv2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=run)
+
+
+def describe(path: str) -> dict:
+    from ..checkpoint import resolve_model_path
+    from ..config import ModelConfig
+    if not os.path.isfile(path):
+        path = resolve_model_path(path)
+    cfg = ModelConfig.from_pretrained(path)
+    counts = cfg.param_counts()
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    latent, full = cfg.kv_cache_bytes_per_token(2), cfg.full_kv_cache_bytes_per_token(2)
+    return {
+        "path": path,
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "dense_layers": cfg.num_hidden_layers - moe_layers, "moe_layers": moe_layers,
+        "num_attention_heads": cfg.num_attention_heads, "q_lora_rank": cfg.q_lora_rank,
+        "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
+        "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok, "topk_method": cfg.topk_method,
+        "n_group": cfg.n_group, "topk_group": cfg.topk_group, "routed_scaling_factor": cfg.routed_scaling_factor,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
+        "rope": cfg.rope_type, "rope_scaling": cfg.rope_scaling, "softmax_scale": cfg.softmax_scale,
+        "total_params": counts["total"], "activated_params": counts["activated"],
+        "kv_cache_bytes_per_token": latent, "per_head_kv_cache_bytes_per_token": full,
+        "kv_cache_reduction": full / latent,
+        "bf16_weight_bytes": 2 * counts["total"],
+    }
+
+
+def run(args) -> int:
+    path = args.path
+    if path is None:
+        from ..assets import default_model_path
+        path = default_model_path()
+    d = describe(path)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    moe = (f"{d['n_routed_experts']} routed (top-{d['num_experts_per_tok']}, {d['topk_method']}"
+           + (f", {d['topk_group']} of {d['n_group']} groups" if d["topk_method"] == "group_limited_greedy" else "")
+           + f") + {d['n_shared_experts']} shared, routed_scaling_factor {d['routed_scaling_factor']}"
+           if d["n_routed_experts"] else "none (dense)")
+    rs = d["rope_scaling"]
+    rope = d["rope"] + (f" (factor {rs.get('factor')}, original {rs.get('original_max_position_embeddings')})"
+                        if rs and d["rope"] == "yarn" else "")
+    rows = [
+        ("model", d["path"]),
+        ("layers", f"{d['num_hidden_layers']} ({d['dense_layers']} dense + {d['moe_layers']} MoE), hidden {d['hidden_size']}"),
+        ("attention", f"MLA, {d['num_attention_heads']} heads, q_lora {d['q_lora_rank']}, kv_lora {d['kv_lora_rank']}, "
+                      f"nope/rope/v {d['qk_nope_head_dim']}/{d['qk_rope_head_dim']}/{d['v_head_dim']}"),
+        ("experts", moe),
+        ("positions", f"{rope}, max {d['max_position_embeddings']:,}, softmax scale {d['softmax_scale']:.7f}"),
+        ("vocabulary", f"{d['vocab_size']:,}"),
+        ("parameters", f"{d['total_params']:,} total ({_human(d['total_params'])}), "
+                       f"{d['activated_params']:,} per token ({_human(d['activated_params'])})"),
+        ("weights (bf16)", _bytes(d["bf16_weight_bytes"])),
+        ("KV cache / token", f"{d['kv_cache_bytes_per_token']:,} B latent (bf16) vs "
+                             f"{d['per_head_kv_cache_bytes_per_token']:,} B per-head K/V: {d['kv_cache_reduction']:.1f}x smaller"),
+        ("KV cache, 128K ctx", f"{_bytes(d['kv_cache_bytes_per_token'] * 131072)} latent vs "
+                               f"{_bytes(d['per_head_kv_cache_bytes_per_token'] * 131072)} per-head"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random DeepSeek-V2 checkpoints written by transformers (the published key layout)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+if not os.path.isdir(REFERENCE):
+    REFERENCE = "/work/shared/reference"
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=3,
+            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=12, routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1,
+            max_position_embeddings=512, bos_token_id=0, eos_token_id=1)
+
+
+def make_hf_model(directory, seed: int = 0, std: float = 0.08, rope=None, **overrides):
+    """Random tiny transformers DeepseekV2ForCausalLM saved with save_pretrained; returns (dir, hf_model).
+    Weights are drawn wider than the init default so routing and attention are far from uniform."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    torch.manual_seed(seed)
+    kw = {**TINY, **overrides}
+    kw["rope_parameters"] = rope or {"rope_type": "default", "rope_theta": 10000.0}
+    model = DeepseekV2ForCausalLM(DeepseekV2Config(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, std)
+    model.save_pretrained(str(directory))
+    return str(directory), model
+
+
+def to_published_format(directory) -> None:
+    """Rewrite a transformers-5 config.json (rope_parameters) into the published one (rope_theta + rope_scaling)."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        d = json.load(f)
+    rp = d.pop("rope_parameters")
+    d["rope_theta"] = rp.pop("rope_theta")
+    kind = rp.pop("rope_type")
+    d["rope_scaling"] = None if kind == "default" else {"type": kind, **rp}
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+@pytest.fixture
+def tiny_hf(tmp_path):
+    return make_hf_model(tmp_path / "tiny")

@@ -1,0 +1,84 @@
+"""Fast paths against their slow twins, and the model's construction contracts."""
+import torch
+
+from conftest import TINY, YARN
+from dsv2.config import ModelConfig
+from dsv2.model import build_model
+from dsv2.model.rope import rope_cos_sin
+
+CFG = ModelConfig.from_dict({**TINY, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+                             "rope_parameters": YARN})
+
+
+def _model():
+    m = build_model(CFG, seed=0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.08)
+    return m.eval()
+
+
+def test_absorbed_attention_equals_decompressed():
+    torch.manual_seed(0)
+    attn = _model().model.layers[0].self_attn
+    L = 40
+    q_nope, q_pe = torch.randn(1, L, 4, 16), torch.randn(1, L, 4, 8)
+    c_kv, k_pe = torch.randn(1, L, 16), torch.randn(1, L, 8)
+    with torch.no_grad():
+        full = attn.attend_decompressed(q_nope, q_pe, c_kv, k_pe)[0]  # [L, n, Dv], causal
+        latent = torch.cat([c_kv[0], k_pe[0]], -1)  # [L, 24]
+        for t in (0, 7, L - 1):  # query t sees keys 0..t
+            q_abs = attn.absorb_query(q_nope[0, t], q_pe[0, t])
+            out = attn.absorbed_output(attn.attend_latent(q_abs, latent[:t + 1]))
+            torch.testing.assert_close(out, full[t], rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_experts_equal_the_per_expert_loop():
+    moe = _model().model.layers[1].mlp
+    x = torch.randn(50, 64)
+    with torch.no_grad():
+        w, idx, _ = moe.gate(x)
+        torch.testing.assert_close(moe.experts(x, w, idx), moe.experts.forward_reference(x, w, idx), rtol=1e-5, atol=1e-6)
+        w1, idx1, _ = moe.gate(x[:1])  # the decode shape: one token
+        torch.testing.assert_close(moe.experts(x[:1], w1, idx1), moe.experts.forward_reference(x[:1], w1, idx1))
+
+
+def test_group_limited_routing_stays_in_the_chosen_groups():
+    moe = _model().model.layers[1].mlp
+    x = torch.randn(500, 64)
+    _, idx, scores = moe.gate(x)
+    groups = scores.view(500, 4, 2).amax(-1).topk(2, dim=-1).indices  # [T, 2]
+    assert ((idx // 2).unsqueeze(-1) == groups.unsqueeze(1)).any(-1).all()
+
+
+def test_router_stays_fp32_and_model_is_built_once_on_meta():
+    m = build_model(CFG, dtype=torch.bfloat16, init=False)
+    gate = m.model.layers[1].mlp.gate.weight
+    assert gate.dtype == torch.float32 and m.lm_head.weight.dtype == torch.bfloat16
+    m.to(torch.float16)
+    assert m.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    assert not any(p.is_meta for p in m.parameters())
+
+
+def test_rope_pairs_are_interleaved():
+    """Position p rotates (x[0], x[1]) as one pair -- not (x[0], x[D/2]) as NeoX half-split rope would."""
+    from dsv2.model.rope import apply_rope
+    cos, sin = rope_cos_sin(CFG, torch.tensor([3]))
+    x = torch.zeros(1, 8)
+    x[0, 0] = 1.0
+    y = apply_rope(x, cos, sin)
+    assert y[0, 1].abs() > 1e-3 and y[0, 4].abs() == 0
+
+
+def test_positions_argument_matches_the_default_and_shifts_rope():
+    m = _model()
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        a = m(ids)
+        b = m(ids, positions=torch.arange(12))
+        c = m(ids, positions=torch.arange(12) + 5)  # rope is relative: a uniform shift changes nothing
+        d = m(ids, positions=torch.arange(12) * 2)  # different distances do
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+    assert (a - d).abs().max() > 1e-3
