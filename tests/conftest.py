@@ -55,3 +55,30 @@ def to_published_format(directory) -> None:
 @pytest.fixture
 def tiny_hf(tmp_path):
     return make_hf_model(tmp_path / "tiny")
+
+
+def stdlib_text(n_files: int = 20, chars: int = 5000):
+    import glob
+    import sysconfig
+    for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:n_files]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield f.read(chars)
+
+
+def make_llm_dir(directory, vocab_size: int = 384, seed: int = 0, **overrides) -> str:
+    """A tiny random model with a real byte-level BPE tokenizer (bos 0, eos 1) and generation_config.json."""
+    from dsv2.tokenizer import Tokenizer
+    from dsv2.train.bpe import train_tokenizer
+    directory = str(directory)
+    train_tokenizer(stdlib_text(), directory, vocab_size=vocab_size)
+    vocab = Tokenizer.from_pretrained(directory).vocab_size
+    make_hf_model(directory, seed=seed, vocab_size=vocab, **{"std": 0.15, **overrides})
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 0, "eos_token_id": 1, "temperature": 0.3, "top_p": 0.95, "do_sample": True}, f)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def llm_dir(tmp_path_factory):
+    return make_llm_dir(tmp_path_factory.mktemp("llm") / "model", rope=YARN,
+                        topk_method="group_limited_greedy", n_group=4, topk_group=2)

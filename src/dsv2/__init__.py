@@ -2,6 +2,10 @@
 and the training pipeline the paper describes."""
 from .checkpoint import load_model, save_model
 from .config import ModelConfig
+from .engine.llm import LLM
+from .engine.outputs import CompletionOutput, RequestOutput
+from .engine.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "load_model", "save_model", "__version__"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "ModelConfig", "load_model", "save_model",
+           "__version__"]

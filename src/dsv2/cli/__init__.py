@@ -1,6 +1,9 @@
 """`dsv2` command line: parses and dispatches; each command's work lives in its own subsystem.
 
     dsv2 info PATH [--json]          architecture, parameter counts, latent KV-cache size
+    dsv2 generate [--model PATH] PROMPT...   stream completions
+    dsv2 chat [--model PATH]         interactive chat
+    dsv2 bench --model PATH ...      prefill / decode throughput
     dsv2 --help / dsv2 COMMAND --help
 """
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import info
+from . import info, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `dsv2 COMMAND --help` for the options of one command.")
     parser.add_argument("--version", action="version", version=f"dsv2 {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (info,):
+    for module in (info, run):
         module.register(sub)
     return parser
 

@@ -1,0 +1,148 @@
+"""`dsv2 generate`, `dsv2 chat`, `dsv2 bench`: the inference engine from the command line.
+
+    dsv2 generate "def fibonacci(n):"                      # the shipped model, streamed to stdout
+    dsv2 generate --model ~/models/DeepSeek-V2-Lite-Chat --max-tokens 200 "Write a haiku about the sea."
+    dsv2 chat --model ~/models/DeepSeek-V2-Lite-Chat        # multi-turn; /reset, /exit
+    dsv2 bench --model DIR --batch 16 --context 256 --new 64 --json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="Hugging Face DeepSeek-V2 directory or repo id (default: the small model shipped with dsv2)")
+    p.add_argument("--dtype", default="auto", help="bfloat16 (auto, the default), float16 or float32")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="latent cache size, e.g. 4GiB (default: most of free GPU memory / a quarter of free RAM)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion to accept")
+
+
+def _sampling_args(p) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; default: the model's generation_config.json, else 1.0")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: generation_config or 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (try 1.1)")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this string (repeatable)")
+
+
+def register(sub) -> None:
+    g = sub.add_parser("generate", help="complete prompts, streaming tokens as they come",
+                       description="Complete one or more prompts. One prompt streams to stdout as it is generated; "
+                                   "several run together in one continuous batch.")
+    g.add_argument("prompts", nargs="+", metavar="PROMPT")
+    _model_args(g)
+    _sampling_args(g)
+    g.set_defaults(func=run_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat through the model's chat template",
+                       description="Talk to a chat model. Commands: /reset clears the conversation, /exit quits "
+                                   "(Ctrl-D too).")
+    c.add_argument("--system", default=None, help="a system prompt to start every conversation with")
+    _model_args(c)
+    _sampling_args(c)
+    c.set_defaults(func=run_chat)
+
+    b = sub.add_parser("bench", help="measure prefill and decode throughput",
+                       description="B concurrent sequences of C random prompt tokens each, then N greedy tokens each; "
+                                   "reports aggregate prefill and decode tokens/s. Compare against transformers and "
+                                   "llama.cpp with benchmarks/compare.py.")
+    _model_args(b)
+    b.add_argument("--batch", type=int, default=1, help="concurrent sequences (default 1)")
+    b.add_argument("--context", type=int, default=256, help="prompt tokens per sequence (default 256)")
+    b.add_argument("--new", type=int, default=64, help="generated tokens per sequence (default 64)")
+    b.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget per step (default: max(2048, batch x context): the whole batch prefills in one step)")
+    b.add_argument("--repeat", type=int, default=1, help="repeat the measurement and report the best (default 1)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=run_bench)
+
+
+def _llm(args, **extra):
+    from ..engine.llm import LLM
+    return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+               max_model_len=args.max_model_len, **extra)
+
+
+def _params(args, llm):
+    from ..engine.sampling_params import SamplingParams
+    gen = llm.generation_defaults
+    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 1.0)
+    if args.temperature is None and gen.get("do_sample") is False:
+        temperature = 0.0
+    top_p = args.top_p if args.top_p is not None else gen.get("top_p", 1.0)
+    return SamplingParams(max_tokens=args.max_tokens, temperature=temperature, top_p=top_p, top_k=args.top_k,
+                          min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def run_generate(args) -> int:
+    llm = _llm(args)
+    params = _params(args, llm)
+    if len(args.prompts) == 1:
+        sys.stdout.write(args.prompts[0])
+        for delta in llm.stream(args.prompts[0], params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    for i, out in enumerate(llm.generate(args.prompts, params)):
+        print(f"=== [{i}] {out.finish_reason}, {len(out.token_ids)} tokens\n{out.prompt}{out.text}")
+    return 0
+
+
+def run_chat(args) -> int:
+    llm = _llm(args)
+    if llm.tokenizer is None:
+        print("dsv2 chat: this model directory has no tokenizer.json", file=sys.stderr)
+        return 1
+    params = _params(args, llm)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    print("dsv2 chat -- /reset clears the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            user = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        if user.strip() in ("/exit", "/quit"):
+            return 0
+        if user.strip() == "/reset":
+            history = list(start)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        ids = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+        reply = []
+        try:
+            for delta in llm.stream(ids, params):
+                reply.append(delta)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            pass
+        print()
+        history.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def run_bench(args) -> int:
+    from ..engine.benchmark import run_benchmark
+    budget = args.max_num_batched_tokens or max(2048, args.batch * args.context)
+    llm = _llm(args, max_num_seqs=max(args.batch, 1), max_num_batched_tokens=budget)
+    result = run_benchmark(llm, batch=args.batch, context=args.context, new=args.new, repeat=args.repeat)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"dsv2 {result['dtype']} batch={args.batch} context={args.context} new={args.new}: "
+              f"prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "
+              f"(latent cache {result['kv_cache_bytes_per_token']} B/token, peak RSS {result['peak_rss_mb']:.0f} MB)")
+    return 0

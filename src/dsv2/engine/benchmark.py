@@ -1,0 +1,54 @@
+"""Throughput measurement behind `dsv2 bench`: B concurrent random prompts of C tokens, then N greedy tokens each.
+
+Prefill time runs from submitting the batch until every sequence has its first token; decode time covers the
+remaining N-1 tokens of every sequence. Both rates are aggregate over the batch, as hf_bench.py and
+llama_cpp_bench.py in ../shared/bench report them.
+"""
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+
+from .llm import LLM
+from .sampling_params import SamplingParams
+
+
+def run_benchmark(llm: LLM, batch: int, context: int, new: int, repeat: int = 1, seed: int = 0) -> dict:
+    if new < 2:
+        raise ValueError("--new must be at least 2 (the first token comes from prefill)")
+    if context + new > llm.max_model_len:
+        raise ValueError(f"context {context} + new {new} exceeds max_model_len {llm.max_model_len}")
+    vocab = llm.config.vocab_size
+    greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    llm.generate([list(range(2, 18))], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up
+    best = None
+    for r in range(repeat):
+        rng = np.random.default_rng(seed + r)  # fresh prompts each round: no prefix-cache hits
+        prompts = rng.integers(2, vocab, (batch, context)).tolist()
+        ids = [llm.add_request(p, greedy) for p in prompts]
+        started, done = set(), set()
+        t0 = time.perf_counter()
+        t_prefill = None
+        while len(done) < batch:
+            for out in llm.step():
+                if out.request_id in ids:
+                    if out.outputs[0].token_ids:
+                        started.add(out.request_id)
+                    if out.finished:
+                        done.add(out.request_id)
+            if t_prefill is None and len(started) == batch:
+                t_prefill = time.perf_counter()
+        t_end = time.perf_counter()
+        prefill = batch * context / (t_prefill - t0)
+        decode = batch * (new - 1) / (t_end - t_prefill)
+        if best is None or decode > best[1]:
+            best = (prefill, decode)
+    return {
+        "batch": batch, "context": context, "new": new, "dtype": str(llm.dtype).removeprefix("torch."),
+        "device": str(llm.device),
+        "prefill_tokens_per_s": best[0], "decode_tokens_per_s": best[1],
+        "kv_cache_bytes_per_token": llm.config.kv_cache_bytes_per_token(llm.model.lm_head.weight.element_size()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }

@@ -1,0 +1,459 @@
+"""LLM: the one engine API. Continuous batching over the paged latent cache, with vLLM's names.
+
+    llm = LLM("path/to/DeepSeek-V2-Lite-Chat")                 # or LLM() for the model dsv2 ships
+    outs = llm.generate(["def fib(n):"], SamplingParams(temperature=0, max_tokens=64))
+    print(outs[0].text)
+    for delta in llm.stream("Once upon a time", SamplingParams(max_tokens=50)): print(delta, end="")
+
+Lower level (the server's engine loop): add_request() from any thread, step() in one thread, abort() anywhere.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+
+from ..checkpoint import load_model, resolve_model_path
+from ..progress import Progress
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .kv_cache import BlockAllocator, default_kv_cache_memory, num_blocks_for_memory
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .runner import ModelRunner
+from .sampler import Sampler, TokenLogprobs, make_generator, prompt_logprobs
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+_DTYPES = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "half": torch.float16, "fp16": torch.float16, "float32": torch.float32, "float": torch.float32,
+           "fp32": torch.float32}
+
+
+class _Completion:
+    """Text state of one sequence: incremental detokenization, stop strings, what was already streamed."""
+
+    def __init__(self, seq: Sequence, tokenizer: Tokenizer | None):
+        self.seq = seq
+        p = seq.params
+        self.detok = (IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, p.skip_special_tokens)
+                      if tokenizer is not None else None)
+        self.text = ""  # the output text so far (stop strings cut off)
+        self.sent_text = 0  # chars of text already handed out as deltas
+        self.sent_tokens = 0
+        self.logprobs = [] if p.logprobs is not None else None
+        self.cumulative_logprob = 0.0 if p.logprobs is not None else None
+        self.max_stop = max((len(s) for s in p.stop), default=0)
+
+    def add_text(self, token_id: int) -> str | None:
+        """Detokenize one new token; returns the stop string if one now appears in the text."""
+        if self.detok is None:
+            return None
+        delta = self.detok.add(token_id)
+        if not delta or not self.seq.params.stop:
+            self.text += delta
+            return None
+        search_from = max(0, len(self.text) - self.max_stop + 1)
+        self.text += delta
+        hits = [(i, s) for s in self.seq.params.stop if (i := self.text.find(s, search_from)) >= 0]
+        if not hits:
+            return None
+        i, s = min(hits)
+        self.text = self.text[:i + (len(s) if self.seq.params.include_stop_str_in_output else 0)]
+        return s
+
+    def finish_text(self) -> None:
+        """Flush bytes the detokenizer held back (a sequence that ended mid-character)."""
+        if self.detok is not None:
+            self.text += self.detok.flush()
+
+    def holdback(self) -> int:
+        """Chars at the end of the text that could be the start of a stop string: not streamed yet."""
+        if self.seq.is_finished or not self.max_stop:
+            return 0
+        for k in range(min(self.max_stop - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.seq.params.stop):
+                return k
+        return 0
+
+    def output(self) -> CompletionOutput:
+        seq = self.seq
+        visible = len(self.text) - self.holdback()
+        delta_text = self.text[self.sent_text:visible] if visible > self.sent_text else ""
+        self.sent_text = max(self.sent_text, visible)
+        delta_tokens = seq.output_token_ids[self.sent_tokens:]
+        self.sent_tokens = seq.num_output_tokens
+        return CompletionOutput(index=seq.index, text=self.text[:self.sent_text], token_ids=list(seq.output_token_ids),
+                                cumulative_logprob=self.cumulative_logprob, logprobs=self.logprobs,
+                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                                delta_text=delta_text, delta_token_ids=list(delta_tokens))
+
+
+class _Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 completions: list[_Completion]):
+        self.request_id, self.prompt, self.prompt_token_ids, self.params = request_id, prompt, prompt_token_ids, params
+        self.completions = completions
+        self.prompt_logprobs = [] if params.prompt_logprobs is not None else None
+        self.arrival_time = time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return all(c.seq.is_finished for c in self.completions)
+
+    def output(self) -> RequestOutput:
+        seqs = [c.seq for c in self.completions]
+        firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
+            outputs=[c.output() for c in self.completions], finished=self.finished,
+            prompt_logprobs=self.prompt_logprobs, num_cached_tokens=seqs[0].num_cached_tokens,
+            metrics={"arrival_time": self.arrival_time, "first_token_time": min(firsts) if firsts else None,
+                     "last_token_time": max((s.last_token_time or 0) for s in seqs) or None})
+
+
+class LLM:
+    """A DeepSeek-V2 model behind a continuous-batching engine on the paged latent cache.
+
+    path (or vLLM's `model`): a Hugging Face directory or repo id; None = the small model shipped with dsv2.
+    dtype: "auto"/"bfloat16" (default on CPU and CUDA), "float16", "float32". device: "cuda" when present, else "cpu".
+    kv_cache_memory: bytes (or "4GiB") for the latent cache; default 90% of free GPU memory, or on CPU a quarter of
+    the available RAM (at most 8 GiB), and never more than max_num_seqs full-length sequences need.
+    vLLM arguments accepted for compatibility: tensor_parallel_size (1 only, for now), trust_remote_code (ignored:
+    dsv2 never runs code from a model directory), enforce_eager (dsv2 always runs eagerly), gpu_memory_utilization
+    (a fraction of free GPU memory for the cache), swap_space, tokenizer (a directory), seed.
+    """
+
+    def __init__(self, path: str | None = None, *, model: str | None = None, tokenizer: str | None = None,
+                 dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+                 max_num_seqs: int = 256, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
+                 kv_cache_memory: int | str | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
+                 seed: int = 0, tensor_parallel_size: int = 1, trust_remote_code: bool = False,
+                 enforce_eager: bool = False, gpu_memory_utilization: float | None = None,
+                 swap_space: float | None = None, **unknown):
+        if unknown:
+            raise TypeError(f"LLM() got unknown argument(s) {sorted(unknown)}")
+        if tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: this LLM runs on one device; multi-device "
+                             "serving through torch.distributed is not available yet -- use tensor_parallel_size=1")
+        if path is not None and model is not None and path != model:
+            raise ValueError("pass the model once: LLM(path) or LLM(model=path)")
+        path = path or model
+        if path is None:
+            from ..assets import default_model_path
+            path = default_model_path()
+        directory = resolve_model_path(path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise ValueError(f"dtype {dtype!r}: use one of {sorted(_DTYPES)}")
+            dtype = _DTYPES[dtype]
+        self.dtype = dtype
+        self.model = load_model(directory, dtype=dtype, device=self.device)
+        self.config = cfg = self.model.config
+        tok_dir = tokenizer or directory
+        self.tokenizer = (Tokenizer.from_pretrained(tok_dir)
+                          if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")) else None)
+        self.generation_defaults = _generation_config(directory)
+
+        # size the latent cache
+        bytes_per_token = cfg.num_hidden_layers * cfg.latent_dim * torch.empty(0, dtype=dtype).element_size()
+        max_len = max_model_len or cfg.max_position_embeddings
+        if kv_cache_memory is None:
+            mem = default_kv_cache_memory(self.device)
+            if gpu_memory_utilization is not None and self.device.type == "cuda":
+                mem = int(torch.cuda.mem_get_info(self.device)[0] * gpu_memory_utilization)
+            mem = min(mem, bytes_per_token * max_num_seqs * (max_len + block_size))
+        else:
+            mem = parse_bytes(kv_cache_memory)
+        num_blocks = num_blocks_for_memory(mem, cfg.num_hidden_layers, block_size, cfg.latent_dim, dtype)
+        capacity = num_blocks * block_size
+        if capacity < block_size * 2:
+            raise ValueError(f"kv_cache_memory={mem} bytes holds only {capacity} tokens "
+                             f"({bytes_per_token} bytes per token); give the cache more memory")
+        if max_model_len is None:
+            max_model_len = min(cfg.max_position_embeddings, capacity)
+        elif max_model_len > capacity:
+            raise ValueError(f"max_model_len={max_model_len} needs {max_model_len * bytes_per_token:,} bytes of latent "
+                             f"cache but kv_cache_memory holds {capacity} tokens; raise kv_cache_memory or lower "
+                             "max_model_len")
+        self.max_model_len = max_model_len
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.cache_capacity_tokens = capacity
+        self.kv_cache_bytes = num_blocks * block_size * bytes_per_token
+
+        self.runner = ModelRunner(self.model, num_blocks, block_size)
+        self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs,
+                                                   max_num_batched_tokens=max(max_num_batched_tokens, block_size),
+                                                   max_model_len=max_model_len), self.allocator)
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = sorted(eos)
+        self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=seed)
+        self._requests: dict[str, _Request] = {}
+        self._pending: list[_Request] = []
+        self._aborts: set[str] = set()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "preemptions": 0}
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
+                    request_id: str | None = None, prompt_token_ids: list[int] | None = None) -> str:
+        """Queue a request (thread-safe); it joins the running batch at the next step. Returns its id."""
+        params = params or SamplingParams()
+        text = prompt if isinstance(prompt, str) else None
+        ids = prompt_token_ids if prompt_token_ids is not None else prompt
+        if isinstance(ids, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer.json: pass token ids instead of text")
+            ids = self.tokenizer.encode(ids)
+        ids = _as_token_ids(ids)
+        self._validate(ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        if max_tokens != params.max_tokens:
+            params = _replace(params, max_tokens=max_tokens)
+        completions = []
+        for i in range(params.n):
+            gen = make_generator(params.seed, i, self.device) if params.seed is not None else None
+            seq = Sequence(ids, params, request_id=request_id, index=i, generator=gen)
+            completions.append(_Completion(seq, self.tokenizer))
+        req = _Request(request_id, text, ids, params, completions)
+        with self._lock:
+            if request_id in self._requests or any(r.request_id == request_id for r in self._pending):
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._pending.append(req)
+        return request_id
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        n = len(ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens, but the maximum context length is {self.max_model_len}")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens and max_tokens is {params.max_tokens}: {n + params.max_tokens} "
+                             f"exceeds the maximum context length {self.max_model_len}")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is; its cache blocks are freed at the next step (thread-safe)."""
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self._requests or self._pending)
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting + len(self._pending)
+
+    # ---- one engine step -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Admit new requests, run one batch (prefill chunks + decodes), sample, detokenize. Returns the outputs of
+        every request that changed, finished ones last time they appear."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            aborts, self._aborts = self._aborts, set()
+        changed: dict[str, _Request] = {}
+        for req in pending:
+            self._requests[req.request_id] = req
+            for c in req.completions:
+                self.scheduler.add(c.seq)
+        for rid in aborts:
+            req = self._requests.get(rid) or next((r for r in pending if r.request_id == rid), None)
+            if req is not None and not req.finished:
+                self.scheduler.abort(rid)
+                for c in req.completions:
+                    if c.seq.finish_reason is None:
+                        c.seq.finish_reason = "abort"
+                changed[rid] = req
+
+        out = self.scheduler.schedule()
+        self.stats["preemptions"] += len(out.preempted)
+        for seq in getattr(out, "failed", []):
+            changed[seq.request_id] = self._requests[seq.request_id]
+        if out.scheduled:
+            self._run(out, changed)
+        self.stats["steps"] += 1
+
+        results = []
+        for rid, req in changed.items():
+            results.append(req.output())
+            if req.finished:
+                self._requests.pop(rid, None)
+        return results
+
+    def _run(self, out, changed: dict[str, _Request]) -> None:
+        logits = self.runner.run(out.scheduled)
+        sampling = [item.seq for item in out.scheduled if item.sample]
+        for item in out.scheduled:  # prompt logprobs, chunk by chunk, before the positions advance
+            seq = item.seq
+            if seq.seq_id in logits.prompt and seq.index == 0:
+                entries = prompt_logprobs(logits.prompt[seq.seq_id], seq.prompt_token_ids,
+                                          seq.params.prompt_logprobs, start=item.start)
+                collected = self._requests[seq.request_id].prompt_logprobs
+                first = 0 if item.start == 0 else item.start + 1  # the position entries[0] scores
+                # a preempted request replays its prompt from the start: keep what was collected once
+                collected.extend(None if e is None else self._position_logprobs(e)
+                                 for e in entries[max(0, len(collected) - first):])
+            self.stats["prompt_tokens"] += min(item.num_new_tokens, max(0, seq.num_prompt_tokens - item.start))
+        sampled = self.sampler(logits.sample, sampling) if sampling else None
+        self.scheduler.postprocess(out)
+        for i, seq in enumerate(sampling):
+            token = sampled.token_ids[i]
+            req = self._requests[seq.request_id]
+            comp = req.completions[seq.index]
+            seq.append_token(token)
+            self.stats["generation_tokens"] += 1
+            if comp.logprobs is not None:
+                lp = sampled.logprobs[i]
+                comp.logprobs.append(self._position_logprobs(lp))
+                comp.cumulative_logprob += lp.logprob
+            self._check_finish(seq, comp, token)
+            changed[seq.request_id] = req
+
+    def _check_finish(self, seq: Sequence, comp: _Completion, token: int) -> None:
+        """Stop token, stop string, max_tokens or a full context ends a sequence (the sampler already kept eos and
+        stop tokens out until min_tokens, so they can be taken at face value here)."""
+        p = seq.params
+        reason = stop = None
+        if token in p.stop_token_ids:
+            reason, stop = "stop", token
+        elif not p.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        else:
+            hit = comp.add_text(token)
+            if hit is not None and seq.num_output_tokens >= p.min_tokens:
+                reason, stop = "stop", hit
+            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            seq.stop_reason = stop
+            self.scheduler.finish(seq, reason)
+            if not isinstance(stop, str):
+                comp.finish_text()
+
+    # ---- logprob formatting ----------------------------------------------------------------------------------
+    def _decode_token(self, token_id: int) -> str | None:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+
+    def _position_logprobs(self, lp: TokenLogprobs) -> dict[int, Logprob]:
+        """One position -> {token_id: Logprob}: the chosen token first, then the top-N alternatives."""
+        out = {lp.token_id: Logprob(lp.logprob, lp.rank, self._decode_token(lp.token_id))}
+        for rank, (tid, val) in enumerate(lp.top, start=1):
+            out.setdefault(tid, Logprob(val, rank, self._decode_token(tid)))
+        return out
+
+    # ---- convenience -----------------------------------------------------------------------------------------
+    def generate(self, prompts=None, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 prompt_token_ids: list[list[int]] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; one RequestOutput per prompt, in order."""
+        if prompts is None and prompt_token_ids is None:
+            raise ValueError("generate() needs prompts or prompt_token_ids")
+        if prompts is not None and prompt_token_ids is not None:
+            raise ValueError("pass prompts or prompt_token_ids, not both")
+        items = prompt_token_ids if prompts is None else prompts
+        if isinstance(items, str) or (isinstance(items, list) and items and isinstance(items[0], int)):
+            items = [items]
+        items = list(items)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(items)
+        if len(params) != len(items):
+            raise ValueError(f"{len(params)} sampling_params for {len(items)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(items, params)]
+        return self._run_until_done(ids, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them, through the chat template."""
+        if self.tokenizer is None:
+            raise ValueError("this model directory has no tokenizer: chat needs tokenizer.json and a chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True)
+                   for c in conversations]
+        return self.generate(prompt_token_ids=prompts, sampling_params=sampling_params, use_tqdm=use_tqdm)
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text deltas of one completion as they are generated (n must be 1)."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("stream() follows one completion: use n=1")
+        rid = self.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == rid:
+                        if out.outputs[0].delta_text:
+                            yield out.outputs[0].delta_text
+                        if out.finished:
+                            return
+        finally:
+            if rid in self._requests or any(r.request_id == rid for r in self._pending):
+                self.abort(rid)
+                self.step()
+
+    def _run_until_done(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = Progress(len(ids), "generating", unit="req", enabled=use_tqdm)
+        wanted = set(ids)
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.finished and out.request_id in wanted and out.request_id not in done:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[i] for i in ids]
+
+
+def parse_bytes(value: int | str) -> int:
+    """4294967296, "4GiB", "4GB", "512MiB", "1.5G" -> bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    s = value.strip().upper().replace("IB", "").replace("B", "")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        return int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(float(s))
+    except ValueError:
+        raise ValueError(f"cannot read {value!r} as a size; write e.g. 4GiB or 512MiB") from None
+
+
+def _as_token_ids(ids) -> list[int]:
+    if hasattr(ids, "keys") and "input_ids" in ids:  # a tokenizer's BatchEncoding
+        ids = ids["input_ids"]
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+        raise ValueError("a prompt must be a string or a list of token ids")
+    return list(ids)
+
+
+def _replace(params: SamplingParams, **changes) -> SamplingParams:
+    import dataclasses
+    return dataclasses.replace(params, **changes)
+
+
+def _generation_config(directory: str) -> dict:
+    import json
+    path = os.path.join(directory, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}

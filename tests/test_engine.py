@@ -1,0 +1,201 @@
+"""The engine against its slow twins: greedy == a naive full-forward loop == transformers; paged incremental
+logits == full forward; preemption and prefix-cache hits change nothing; seeds reproduce; no block leaks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import YARN, make_hf_model
+from dsv2.engine.llm import LLM
+from dsv2.engine.sampling_params import SamplingParams
+from dsv2.model import Transformer
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def _prompts(lengths, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def naive_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """Token by token, full causal forward over everything each time: no cache at all."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, hf = make_hf_model(tmp_path_factory.mktemp("tiny") / "m", rope=YARN, topk_method="group_limited_greedy",
+                             n_group=4, topk_group=2, std=0.15)
+    return path, hf
+
+
+def _free_everything(llm: LLM) -> bool:
+    return llm.allocator.num_free_blocks == llm.num_blocks and not llm.has_unfinished_requests()
+
+
+def test_greedy_batch_equals_naive_loop_and_transformers(tiny):
+    path, hf = tiny
+    llm = LLM(path, dtype="float32", block_size=4, max_num_batched_tokens=48)  # forces chunked prefill
+    prompts = _prompts([3, 45, 17, 1, 30])
+    outs = llm.generate(prompts, SamplingParams(max_tokens=24, **GREEDY))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == naive_greedy(llm.model, p, 24)
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        assert o.token_ids == ref[0, len(p):].tolist()
+        assert o.finish_reason == "length"
+    assert _free_everything(llm)
+
+
+def test_paged_logprobs_equal_full_forward(tiny):
+    """Chunked prefill (prompt_logprobs) and absorbed decode (logprobs) against one full forward, position by
+    position: the paged latent cache computes the same distribution as the uncached model."""
+    path, _ = tiny
+    llm = LLM(path, dtype="float32", block_size=4, max_num_batched_tokens=16)
+    prompt = _prompts([37])[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=12, logprobs=3, prompt_logprobs=2, **GREEDY))[0]
+    ids = prompt + out.token_ids
+    with torch.no_grad():
+        full = llm.model(torch.tensor([ids]))[0].log_softmax(-1)  # [T, V]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for t in range(1, len(prompt)):
+        lp = out.prompt_logprobs[t][prompt[t]].logprob
+        assert abs(lp - full[t - 1, prompt[t]].item()) <= 1e-4
+    for i, tok in enumerate(out.token_ids):
+        pos = len(prompt) - 1 + i
+        entry = out.outputs[0].logprobs[i]
+        assert abs(entry[tok].logprob - full[pos, tok].item()) <= 1e-4
+        top = sorted(entry.values(), key=lambda l: l.rank)
+        assert top[0].rank == 1 and abs(top[0].logprob - full[pos].max().item()) <= 1e-4
+
+
+def test_preemption_and_prefix_cache_do_not_change_outputs(tiny):
+    path, _ = tiny
+    shared = _prompts([24])[0]
+    prompts = [shared + p for p in _prompts([5, 9, 2, 14, 7, 11], seed=1)]
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    roomy = LLM(path, dtype="float32", block_size=4, enable_prefix_caching=False)
+    ref = [o.token_ids for o in roomy.generate(prompts, params)]
+    # 40 blocks of 4 tokens cannot hold six sequences of ~60 tokens: the scheduler must preempt
+    tight = LLM(path, dtype="float32", block_size=4, kv_cache_memory=40 * 4 * 3 * 24 * 4, max_model_len=80)
+    assert tight.num_blocks == 40
+    assert [o.token_ids for o in tight.generate(prompts, params)] == ref
+    assert tight.stats["preemptions"] > 0
+    assert _free_everything(tight)
+    # prefix caching: the second request reuses the shared prompt's full blocks
+    cached = LLM(path, dtype="float32", block_size=4)
+    first = cached.generate([prompts[0]], params)[0]
+    second = cached.generate([prompts[1]], params)[0]
+    assert second.num_cached_tokens == 24 and first.num_cached_tokens == 0
+    assert [first.token_ids, second.token_ids] == ref[:2]
+    again = cached.generate([prompts[0]], params)[0]  # a full hit still recomputes the last token
+    assert again.token_ids == ref[0] and again.num_cached_tokens == 28
+    assert _free_everything(cached)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
+    path, _ = tiny
+    llm = LLM(path, dtype="float32", block_size=4)
+    p = _prompts([10])[0]
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=1234, ignore_eos=True)
+    alone = llm.generate([p], seeded)[0].token_ids
+    others = _prompts([4, 20, 7], seed=5)
+    mixed = llm.generate(others[:2] + [p] + others[2:],
+                         [SamplingParams(temperature=1.0, max_tokens=15)] * 2 + [seeded]
+                         + [SamplingParams(temperature=0.7, max_tokens=25)])[2].token_ids
+    assert mixed == alone
+    other_seed = llm.generate([p], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=20, seed=99,
+                                                   ignore_eos=True))[0].token_ids
+    assert other_seed != alone
+    many = llm.generate([p], SamplingParams(n=3, temperature=1.0, max_tokens=20, seed=7, ignore_eos=True))[0]
+    assert len(many.outputs) == 3 and len({tuple(c.token_ids) for c in many.outputs}) == 3
+    assert _free_everything(llm)
+
+
+def test_abort_frees_blocks_at_once(tiny):
+    path, _ = tiny
+    llm = LLM(path, dtype="float32", block_size=4)
+    rid = llm.add_request(_prompts([30])[0], SamplingParams(max_tokens=50, **GREEDY))
+    keep = llm.add_request(_prompts([12])[0], SamplingParams(max_tokens=5, **GREEDY))
+    for _ in range(3):
+        llm.step()
+    assert llm.allocator.num_used_blocks > 0
+    llm.abort(rid)
+    outs = {o.request_id: o for o in llm.step()}
+    assert outs[rid].finished and outs[rid].finish_reason == "abort"
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert _free_everything(llm)
+
+
+def test_requests_over_the_context_are_refused_with_both_numbers(tiny):
+    path, _ = tiny
+    llm = LLM(path, dtype="float32", max_model_len=64)
+    with pytest.raises(ValueError, match=r"40 tokens and max_tokens is 30: 70 exceeds .* 64"):
+        llm.generate([_prompts([40])[0]], SamplingParams(max_tokens=30))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[5, 999]], SamplingParams())
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(path, tensor_parallel_size=8)
+    assert _free_everything(llm)
+
+
+def test_text_prompts_stop_strings_and_streaming(llm_dir):
+    llm = LLM(llm_dir, dtype="float32", block_size=4)
+    prompt = "def fibonacci(n):\n"
+    base = llm.generate([prompt], SamplingParams(max_tokens=40, **GREEDY))[0]
+    ids = base.token_ids
+    assert base.text == llm.tokenizer.decode(ids, skip_special_tokens=True)
+    # a stop string that spans tokens: the text of tokens 5..7
+    pieces = [llm.tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids) + 1)]
+    stop = pieces[8][len(pieces[5]) - 1:]
+    assert len(stop) >= 2
+    cut = base.text.index(stop)
+    stopped = llm.generate([prompt], SamplingParams(max_tokens=40, stop=[stop], **GREEDY))[0]
+    assert stopped.text == base.text[:cut] and stopped.finish_reason == "stop"
+    assert stopped.outputs[0].stop_reason == stop
+    inclusive = llm.generate([prompt], SamplingParams(max_tokens=40, stop=stop, include_stop_str_in_output=True,
+                                                      **GREEDY))[0]
+    assert inclusive.text == base.text[:cut + len(stop)]
+    deltas = list(llm.stream(prompt, SamplingParams(max_tokens=40, stop=[stop], **GREEDY)))
+    assert "".join(deltas) == stopped.text and len(deltas) > 1
+    assert not any(stop in d for d in deltas)
+    # stop token ids end a completion too
+    tok_stop = llm.generate([prompt], SamplingParams(max_tokens=40, stop_token_ids=[ids[3]], **GREEDY))[0]
+    assert tok_stop.token_ids == ids[:4] and tok_stop.outputs[0].stop_reason == ids[3]
+    assert _free_everything(llm)
+
+
+def test_chat_goes_through_the_template(llm_dir):
+    llm = LLM(llm_dir, dtype="float32")
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    out = llm.chat(conv, SamplingParams(max_tokens=5, **GREEDY))[0]
+    expected = llm.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+    assert out.prompt_token_ids == expected and expected.count(0) == 1
+    two = llm.chat([conv, conv[1:]], SamplingParams(max_tokens=5, **GREEDY))
+    assert two[0].token_ids == out.token_ids and len(two) == 2
+
+
+def test_the_model_card_vllm_snippet_runs_with_only_its_import_changed(llm_dir, capsys):
+    """The model card's snippet, verbatim but for the import line and the model name (a local tiny model);
+    tensor_parallel_size=1 (multi-device serving is its own issue)."""
+    model_name = llm_dir
+    from transformers import AutoTokenizer
+    from dsv2 import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    llm = LLM(model=model_name, tensor_parallel_size=1, max_model_len=8192, trust_remote_code=True, enforce_eager=True)
+    sampling_params = SamplingParams(temperature=0.3, max_tokens=256, stop_token_ids=[tokenizer.eos_token_id])
+
+    messages_list = [{"role": "user", "content": "Who are you?"}]
+    prompt_token_ids = tokenizer.apply_chat_template(messages_list, add_generation_prompt=True)
+    outputs = llm.generate(prompt_token_ids=[prompt_token_ids], sampling_params=sampling_params)
+    generated_text = [output.outputs[0].text for output in outputs]
+    print(generated_text)
+
+    assert isinstance(generated_text[0], str) and outputs[0].outputs[0].token_ids
+    assert "[" in capsys.readouterr().out
