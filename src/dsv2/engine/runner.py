@@ -8,10 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..model import PagedAttention, Transformer
+from ..model.mla import DecodeGroup
 from .kv_cache import allocate_kv_cache
 from .scheduler import ScheduledSeq
+
+
+DECODE_BUCKET = 64  # decode contexts are padded to a multiple of this (see model.mla.DecodeGroup)
 
 
 @dataclass
@@ -24,8 +29,8 @@ class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int):
         self.model = model
         self.config = model.config
-        self.device = model.lm_head.weight.device
-        self.dtype = model.lm_head.weight.dtype
+        self.device = model.model.embed_tokens.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
         self.block_size = block_size
         self.kv_caches = allocate_kv_cache(self.config.num_hidden_layers, num_blocks, block_size,
                                            self.config.latent_dim, self.dtype, self.device)
@@ -36,6 +41,20 @@ class ModelRunner:
         n_blocks = -(-length // self.block_size)
         blocks = torch.tensor(block_table[:n_blocks], dtype=torch.long)
         return (blocks[:, None] * self.block_size + self._offsets).flatten()[:length]
+
+    def _decode_groups(self, contexts: list[torch.Tensor]) -> list[DecodeGroup]:
+        """Batch decode sequences by their context length rounded up to DECODE_BUCKET."""
+        by_length: dict[int, list[int]] = {}
+        for i, slots in enumerate(contexts):
+            by_length.setdefault(-(-slots.numel() // DECODE_BUCKET) * DECODE_BUCKET, []).append(i)
+        groups = []
+        for Lb, rows in sorted(by_length.items()):
+            slots = torch.cat([F.pad(contexts[i], (0, Lb - contexts[i].numel()), value=int(contexts[i][0]))
+                               for i in rows])  # pad with a real slot; its scores are masked out
+            pad = torch.arange(Lb) >= torch.tensor([contexts[i].numel() for i in rows])[:, None]  # [G, Lb]
+            groups.append(DecodeGroup(rows=torch.tensor(rows, device=self.device), slots=slots.to(self.device),
+                                      pad=pad.to(self.device), length=Lb))
+        return groups
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> StepLogits:
@@ -67,7 +86,7 @@ class ModelRunner:
         attn = PagedAttention(
             kv_caches=self.kv_caches, slot_mapping=torch.cat(slot_mapping).to(dev),
             seq_slots=[s.to(dev) for s in seq_slots], query_ranges=ranges, num_decode=num_decode,
-            decode_slots=torch.cat(seq_slots[:num_decode]).to(dev) if num_decode else None)
+            decode_groups=self._decode_groups(seq_slots[:num_decode]))
         logits = self.model(torch.tensor(tokens, device=dev), torch.cat(positions).to(dev), attn=attn,
                             logits_indices=torch.tensor(want, dtype=torch.long, device=dev))  # [len(want), V]
         prompt = {sid: logits[first:first + n] for sid, (first, n) in prompt_rows.items()}

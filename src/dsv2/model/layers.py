@@ -11,9 +11,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)  # cast back *before* the weight multiply, as the reference does
+        # y = x * rsqrt(mean(x^2) + eps) in fp32 (one fused op), cast back *before* the weight multiply, as the
+        # reference does
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
 
 
 class MLP(nn.Module):

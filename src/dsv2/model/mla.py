@@ -10,7 +10,7 @@ n heads, Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dq = Dn + Dr, Dv v_head_dim, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,20 +22,32 @@ from .rope import apply_rope
 
 
 @dataclass
+class DecodeGroup:
+    """Decode sequences whose contexts are padded to one length Lb, attended with one batched matmul.
+    Padding to a few bucket lengths (instead of each exact length) also keeps oneDNN from compiling a new bf16
+    kernel for every context length, which costs ~1 ms a call on CPU."""
+    rows: torch.Tensor  # [G] which decode sequences (0 .. num_decode-1)
+    slots: torch.Tensor  # [G * Lb] cache slots, padded with a valid slot
+    pad: torch.Tensor  # [G, Lb] bool, True past each sequence's context
+    length: int  # Lb
+
+
+@dataclass
 class PagedAttention:
     """One engine step's attention metadata, built by the engine's runner and shared by every layer.
 
     The step's tokens are flat [N]; sequences are listed decode-first. Sequence s owns the flat tokens
     query_ranges[s] = (start, end) and its whole context (cached prefix + this step's tokens) lives in the cache
     slots seq_slots[s] [L_s] (slot = block * block_size + offset). The first num_decode sequences have exactly
-    one token each and attend in the absorbed form; the others are prefill chunks (decompressed form).
+    one token each and attend in the absorbed form, batched by decode_groups; the others are prefill chunks
+    (decompressed form).
     """
     kv_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, R + Dr]
     slot_mapping: torch.Tensor  # [N] where each new token's latent is written
     seq_slots: list[torch.Tensor]  # per sequence [L_s]
     query_ranges: list[tuple[int, int]]
     num_decode: int
-    decode_slots: torch.Tensor | None = None  # concat of seq_slots[:num_decode]: one gather for all decodes
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
 
 
 class MLA(nn.Module):
@@ -57,10 +69,10 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n * cfg.v_head_dim, H, bias=bias)
+        self.absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # inference-time cache of absorbed_weights()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: PagedAttention | None = None) -> torch.Tensor:
-        """x [B, T, H] (plain causal forward) or [N, H] with `attn` (engine step); cos/sin [B, T, Dr/2] or [N, Dr/2]."""
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, attn: PagedAttention | None = None) -> torch.Tensor:
+        """x [B, T, H] (plain causal forward) or [N, H] with `attn` (engine step); freqs [T, Dr/2] or [N, Dr/2]."""
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
@@ -69,8 +81,8 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [..., R]: the latent that is cached
-        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2))  # k_pe: ONE rope key shared by all heads
-        k_pe = apply_rope(k_pe, cos, sin)  # [..., Dr]
+        q_pe = apply_rope(q_pe, freqs.unsqueeze(-2))  # k_pe: ONE rope key shared by all heads
+        k_pe = apply_rope(k_pe, freqs)  # [..., Dr]
         if attn is None:
             out = self.attend_decompressed(q_nope, q_pe, c_kv, k_pe)  # [B, T, n, Dv]
         else:
@@ -93,22 +105,33 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         return out.transpose(-3, -2)  # [B, T, n, Dv]
 
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [n, Dn, R] and W_UV^T [n, R, Dv], the per-head slices of kv_b_proj (precomputed contiguous copies
+        once the model is prepared for inference, see model/packed.py)."""
+        if self.absorbed is not None:
+            return self.absorbed
+        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))  # [n, Dn + Dv, R]
+        return w[:, :self.nope], w[:, self.nope:].transpose(1, 2)
+
     def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
-        """[..., n, Dn], [..., n, Dr] -> the 576-wide latent-space query [..., n, R + Dr] (q_lat = W_UK^T q_nope)."""
-        w_uk = self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))[:, :self.nope]  # [n, Dn, R]
-        q_lat = torch.einsum("...hd,hdr->...hr", q_nope, w_uk)
+        """[D, n, Dn], [D, n, Dr] -> the 576-wide latent-space query [D, n, R + Dr] (q_lat = W_UK^T q_nope)."""
+        w_uk, _ = self.absorbed_weights()
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [n, D, Dn] @ [n, Dn, R] -> [D, n, R]
         return torch.cat([q_lat, q_pe], dim=-1)
 
     def absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
-        """Latent attention output [..., n, R] -> per-head values [..., n, Dv] (o = W_UV o_lat)."""
-        w_uv = self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))[:, self.nope:]  # [n, Dv, R]
-        return torch.einsum("...hr,hvr->...hv", o_lat, w_uv)
+        """Latent attention output [D, n, R] -> per-head values [D, n, Dv] (o = W_UV o_lat)."""
+        _, w_uv_t = self.absorbed_weights()
+        return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [n, D, R] @ [n, R, Dv]
 
-    def attend_latent(self, q_abs: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """One query position's heads [n, R + Dr] against its context's latents [L, R + Dr] -> [n, R]."""
-        scores = (q_abs @ latent.T).float() * self.softmax_scale  # [n, L]
+    def attend_latent(self, q_abs: torch.Tensor, latent: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Single-position queries [..., n, R + Dr] against their contexts' latents [..., L, R + Dr] -> [..., n, R].
+        pad [..., L] marks context positions to ignore."""
+        scores = (q_abs @ latent.transpose(-1, -2)).float() * self.softmax_scale  # [..., n, L]
+        if pad is not None:
+            scores = scores.masked_fill(pad.unsqueeze(-2), float("-inf"))
         p = scores.softmax(dim=-1).to(latent.dtype)
-        return p @ latent[:, :self.rank]  # value = the first R columns of the key
+        return p @ latent[..., :self.rank]  # value = the first R columns of the key
 
     # ---- engine step over the paged latent cache ---------------------------------------------------------
     def _attend_paged(self, q_nope, q_pe, c_kv, k_pe, attn: PagedAttention) -> torch.Tensor:
@@ -121,13 +144,18 @@ class MLA(nn.Module):
         D = attn.num_decode
         if D:
             q_abs = self.absorb_query(q_nope[:D], q_pe[:D])  # [D, n, R + Dr]
-            ctx = flat.index_select(0, attn.decode_slots)  # [sum L_s, R + Dr], one gather for all
-            o_lat, start = [], 0
-            for s in range(D):
-                L = attn.seq_slots[s].numel()
-                o_lat.append(self.attend_latent(q_abs[s], ctx[start:start + L]))
-                start += L
-            out[:D] = self.absorbed_output(torch.stack(o_lat))
+            if len(attn.decode_groups) == 1:  # the common case: no gather/scatter of rows
+                g = attn.decode_groups[0]
+                ctx = flat.index_select(0, g.slots).view(D, g.length, -1)  # [D, Lb, R + Dr]
+                o_lat = self.attend_latent(q_abs, ctx, g.pad)
+            else:
+                o_lat = q_abs.new_empty(D, self.n_heads, self.rank)
+                for g in attn.decode_groups:
+                    ctx = flat.index_select(0, g.slots).view(-1, g.length, flat.shape[-1])  # [G, Lb, R + Dr]
+                    o_lat[g.rows] = self.attend_latent(q_abs[g.rows], ctx, g.pad)
+            if D == len(attn.slot_mapping):
+                return self.absorbed_output(o_lat)  # a decode-only step
+            out[:D] = self.absorbed_output(o_lat)
 
         for s in range(D, len(attn.query_ranges)):
             a, b = attn.query_ranges[s]

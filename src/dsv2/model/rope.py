@@ -46,17 +46,16 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None, device=None) -> 
     return inv_freq, float(amplitude)
 
 
-def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [*P, D/2] in fp32 for integer positions [*P]."""
+def rope_freqs(cfg: ModelConfig, positions: torch.Tensor) -> torch.Tensor:
+    """Rotations e^{i * pos * inv_freq} (times the YaRN amplitude) as complex64 [*P, D/2], for integer positions [*P]."""
     seq_len = int(positions.max()) + 1 if cfg.rope_type == "dynamic" and positions.numel() else None
     inv_freq, amplitude = rope_inv_freq(cfg, seq_len, positions.device)
-    angles = positions.float()[..., None] * inv_freq  # [*P, D/2]
-    return angles.cos() * amplitude, angles.sin() * amplitude
+    angles = positions.float()[..., None] * inv_freq  # [*P, D/2], fp32
+    return torch.polar(torch.full_like(angles, amplitude), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [..., D] by tables [..., D/2] (broadcast), in fp32, back to x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [..., D/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x [..., D] as complex numbers x[2j] + i x[2j+1] by freqs
+    [..., D/2] (broadcast), in fp32, back to x's dtype."""
+    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)

