@@ -1,0 +1,44 @@
+"""dsv2 generate / chat / bench from the command line, on a tiny local model."""
+import io
+import json
+
+from dsv2.cli import main
+from dsv2.engine.llm import LLM
+from dsv2.engine.sampling_params import SamplingParams
+
+
+def test_generate_streams_the_greedy_completion(llm_dir, capsys):
+    assert main(["generate", "--model", llm_dir, "--dtype", "float32", "--temperature", "0", "--max-tokens", "12",
+                 "def fibonacci(n):"]) == 0
+    printed = capsys.readouterr().out
+    offline = LLM(llm_dir, dtype="float32").generate(["def fibonacci(n):"], SamplingParams(temperature=0, max_tokens=12))
+    assert printed == "def fibonacci(n):" + offline[0].text + "\n"
+
+
+def test_generate_several_prompts_in_one_batch(llm_dir, capsys):
+    assert main(["generate", "--model", llm_dir, "--dtype", "float32", "--max-tokens", "4", "--seed", "1",
+                 "import os", "class A:"]) == 0
+    out = capsys.readouterr().out
+    assert "=== [0]" in out and "=== [1]" in out and "class A:" in out
+
+
+def test_chat_keeps_history_and_resets(llm_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd again\n/reset\nHi\n/exit\n"))
+    assert main(["chat", "--model", llm_dir, "--dtype", "float32", "--temperature", "0", "--max-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert "conversation cleared" in captured.err and captured.out.count(">>> ") == 5
+    llm = LLM(llm_dir, dtype="float32")
+    first = llm.chat([{"role": "user", "content": "Hello"}], SamplingParams(temperature=0, max_tokens=6))[0].text
+    assert first in captured.out
+
+
+def test_bench_json(llm_dir, capsys):
+    assert main(["bench", "--model", llm_dir, "--dtype", "float32", "--batch", "2", "--context", "32", "--new", "8",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["prefill_tokens_per_s"] > 0 and d["decode_tokens_per_s"] > 0 and d["batch"] == 2
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 1
+    assert "no model directory" in capsys.readouterr().err
