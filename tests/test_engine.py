@@ -199,3 +199,15 @@ def test_the_model_card_vllm_snippet_runs_with_only_its_import_changed(llm_dir, 
 
     assert isinstance(generated_text[0], str) and outputs[0].outputs[0].token_ids
     assert "[" in capsys.readouterr().out
+
+
+def test_bf16_engine_with_packed_weights_equals_unpacked(tiny):
+    path, _ = tiny
+    prompts = _prompts([20, 7, 33])
+    params = SamplingParams(max_tokens=16, **GREEDY)
+    packed = LLM(path, dtype="bfloat16", block_size=4)
+    plain = LLM(path, dtype="bfloat16", block_size=4, cpu_weight_packing=False)
+    assert getattr(packed.model, "packed", False) and not getattr(plain.model, "packed", False)
+    a = [o.token_ids for o in packed.generate(prompts, params)]
+    b = [o.token_ids for o in plain.generate(prompts, params)]
+    assert a == b

@@ -81,3 +81,21 @@ def test_positions_argument_matches_the_default_and_shifts_rope():
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
     assert (a - d).abs().max() > 1e-3
+
+
+def test_cpu_packed_weights_give_the_same_logits():
+    """The packed inference model (oneDNN-blocked bf16 weights, fused input projections and gate/up) against the
+    plain model it came from, on the plain causal forward."""
+    from dsv2.model.packed import can_pack, pack_for_cpu_inference
+    if not can_pack(torch.bfloat16, torch.device("cpu")):
+        import pytest
+        pytest.skip("this torch build has no oneDNN weight packing")
+    model = _model().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        plain = model(ids)
+        pack_for_cpu_inference(model)
+        packed = model(ids)
+    assert isinstance(model.model.layers[0].self_attn.fused_input_proj, torch.nn.Module)
+    torch.testing.assert_close(packed, plain, rtol=0, atol=0.02 * plain.abs().max().item())
+    assert (packed.argmax(-1) == plain.argmax(-1)).float().mean() > 0.97

@@ -69,17 +69,24 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n * cfg.v_head_dim, H, bias=bias)
-        self.absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # inference-time cache of absorbed_weights()
+        # set by model/packed.py for inference: absorbed_weights() laid out contiguously, the two input projections
+        # fused into one matrix
+        self.absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fused_input_proj: nn.Module | None = None
+        self.fused_input_split: tuple[int, int] | None = None
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, attn: PagedAttention | None = None) -> torch.Tensor:
         """x [B, T, H] (plain causal forward) or [N, H] with `attn` (engine step); freqs [T, Dr/2] or [N, Dr/2]."""
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
+        if self.fused_input_proj is not None:  # inference: [q_proj or q_a_proj | kv_a_proj] as one matmul
+            q, ckv = self.fused_input_proj(x).split(self.fused_input_split, dim=-1)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
+            ckv = self.kv_a_proj_with_mqa(x)
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.unflatten(-1, (self.n_heads, -1))  # [..., n, Dq]
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        c_kv, k_pe = ckv.split([self.rank, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [..., R]: the latent that is cached
         q_pe = apply_rope(q_pe, freqs.unsqueeze(-2))  # k_pe: ONE rope key shared by all heads
         k_pe = apply_rope(k_pe, freqs)  # [..., Dr]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import MLP
 from .mla import MLA
 from .moe import Experts
 
@@ -54,17 +55,47 @@ class PackedExperts(Experts):
         return _packed_linear(F.silu(gate) * up, down)
 
 
+class PackedMLP(nn.Module):
+    """SwiGLU MLP with gate and up fused into one packed matrix (dense layers and shared experts)."""
+
+    def __init__(self, mlp: MLP):
+        super().__init__()
+        self.gate_up = _pack(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.down = _pack(mlp.down_proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = _packed_linear(x, self.gate_up).chunk(2, dim=-1)
+        return _packed_linear(F.silu(gate) * up, self.down)
+
+
+def _fuse_input_projections(mla: MLA) -> None:
+    first = mla.q_proj if mla.q_lora_rank is None else mla.q_a_proj
+    second = mla.kv_a_proj_with_mqa
+    fused = nn.Linear(first.in_features, first.out_features + second.out_features, bias=first.bias is not None,
+                      device="meta")
+    fused.weight = nn.Parameter(torch.cat([first.weight, second.weight]), requires_grad=False)
+    if first.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([first.bias, second.bias]), requires_grad=False)
+    mla.fused_input_proj = PackedLinear(fused)
+    mla.fused_input_split = (first.out_features, second.out_features)
+    for name in ("q_proj" if mla.q_lora_rank is None else "q_a_proj", "kv_a_proj_with_mqa"):
+        setattr(mla, name, None)  # the fused copy replaces them
+
+
 def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
-    """Replace the model's linear layers and routed experts by packed versions, in place; returns the model."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child_name != "kv_b_proj" and child.weight.dtype == torch.bfloat16:
-                setattr(module, child_name, PackedLinear(child))
-            elif isinstance(child, Experts) and not isinstance(child, PackedExperts):
-                setattr(module, child_name, PackedExperts(child))
-    for module in model.modules():
-        if isinstance(module, MLA):  # contiguous per-head W_UK / W_UV^T for the absorbed decode path
-            w_uk, w_uv_t = module.absorbed_weights()
+    """Replace the model's linear layers, MLPs and routed experts by packed versions, in place; returns the model."""
+    for module in list(model.modules()):
+        if isinstance(module, MLA) and module.fused_input_proj is None:
+            _fuse_input_projections(module)
+            w_uk, w_uv_t = module.absorbed_weights()  # contiguous per-head W_UK / W_UV^T for absorbed decode
             module.absorbed = (w_uk.contiguous(), w_uv_t.contiguous())
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, MLP):
+                setattr(module, name, PackedMLP(child))
+            elif isinstance(child, nn.Linear) and name != "kv_b_proj" and child.weight.dtype == torch.bfloat16:
+                setattr(module, name, PackedLinear(child))
+            elif isinstance(child, Experts) and not isinstance(child, PackedExperts):
+                setattr(module, name, PackedExperts(child))
     model.packed = True
     return model
