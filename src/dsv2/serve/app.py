@@ -1,0 +1,215 @@
+"""The FastAPI application: routes, OpenAI-shaped errors, API-key auth, body-size and queue limits, draining.
+
+    app = build_app(llm, ServerConfig(model_name="DeepSeek-V2-Lite-Chat", api_key="sk-..."))
+
+Every client mistake is a 4xx in OpenAI's error shape: bad JSON or field 400, wrong key 401, unknown model 404,
+body too large 413, queue full 429 (with Retry-After); while draining for shutdown, 503.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import jinja2
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, PlainTextResponse
+
+from ..engine.llm import LLM
+from .completions import OpenAIServing
+from .engine_loop import EngineLoop
+from .metrics import Metrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import conversation, parse
+
+log = logging.getLogger("dsv2.serve")
+
+# endpoints counted by name in the request metrics; anything else is "other" (bounded label values)
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/health",
+             "/metrics")
+PUBLIC = ("/health", "/metrics")  # answered without the API key: probes and scrapers carry none
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: str | None = None
+    max_waiting: int = 256  # more waiting requests than this: 429
+    max_body_bytes: int = 16 << 20
+
+
+class ServerState:
+    """What the shutdown logic needs to see: whether we are draining, and how many HTTP requests are open."""
+
+    def __init__(self):
+        self.draining = False
+        self.in_flight = 0
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class _Gate:
+    """Pure ASGI middleware (BaseHTTPMiddleware would buffer streams and hide disconnects): counts requests by
+    endpoint and status, refuses them while draining, checks the API key."""
+
+    def __init__(self, app, state: ServerState, metrics: Metrics, api_key: str | None):
+        self.app, self.state, self.metrics = app, state, metrics
+        self.api_key = api_key.encode() if api_key else None
+
+    def _refusal(self, scope) -> APIError | None:
+        path = scope["path"]
+        if self.state.draining and path != "/metrics":
+            return APIError(503, "the server is shutting down; retry on another replica", type="server_error",
+                            code="shutting_down", headers={"Connection": "close"})
+        if self.api_key is not None and path not in PUBLIC:
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, key = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.api_key):
+                return APIError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.state.in_flight += 1
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await error_response(refusal)(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            self.state.in_flight -= 1
+            self.metrics.http_requests.inc(endpoint, str(status))
+
+
+async def read_json(request: Request, limit: int):
+    """The body as JSON, refusing more than `limit` bytes whether announced (Content-Length) or streamed."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise APIError(413, f"the request body is {int(length)} bytes; the limit is {limit} (--max-body-bytes)",
+                       code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over the limit of {limit} bytes (--max-body-bytes)",
+                           code="request_too_large")
+    if not body:
+        raise APIError(400, "the request body is empty; send a JSON object")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def build_app(llm: LLM, config: ServerConfig, state: ServerState | None = None) -> FastAPI:
+    """The OpenAI-compatible app on `llm`; its lifespan starts and stops the engine thread."""
+    metrics = Metrics()
+    engine = EngineLoop(llm, metrics)
+    serving = OpenAIServing(llm, engine, config.model_name, config.max_waiting)
+    state = state or ServerState()
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="dsv2", summary="OpenAI-compatible DeepSeek-V2 server", lifespan=lifespan)
+    app.state.engine, app.state.server = engine, state
+    app.add_middleware(_Gate, state=state, metrics=metrics, api_key=config.api_key)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        detail = e.detail if e.status_code != 404 else f"no route {request.method} {request.url.path}"
+        return error_response(APIError(e.status_code, str(detail), headers=getattr(e, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            raise APIError(503, "the engine thread has stopped", type="server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return PlainTextResponse(metrics.render(llm), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": created, "owned_by": "dsv2",
+                "max_model_len": llm.max_model_len}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str):
+        serving.check_model(model)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
+        return await serving.completions(request, req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse(ChatCompletionRequest, await read_json(request, config.max_body_bytes))
+        return await serving.chat(request, req)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = parse(TokenizeRequest, await read_json(request, config.max_body_bytes))
+        serving.check_model(req.model)
+        tok = serving.need_tokenizer("tokenize")
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "send either prompt (text) or messages (a chat), not both or neither",
+                           param="prompt")
+        if req.prompt is not None:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            try:
+                ids = tok.apply_chat_template(conversation(req.messages), req.add_generation_prompt, tokenize=True)
+            except (ValueError, jinja2.TemplateError) as e:
+                raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = parse(DetokenizeRequest, await read_json(request, config.max_body_bytes))
+        serving.check_model(req.model)
+        tok = serving.need_tokenizer("detokenize")
+        bad = [t for t in req.tokens if not 0 <= t < tok.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})", param="tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    return app
