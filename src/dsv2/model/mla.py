@@ -134,11 +134,13 @@ class MLA(nn.Module):
     def attend_latent(self, q_abs: torch.Tensor, latent: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         """Single-position queries [..., n, R + Dr] against their contexts' latents [..., L, R + Dr] -> [..., n, R].
         pad [..., L] marks context positions to ignore."""
-        scores = (q_abs @ latent.transpose(-1, -2)).float() * self.softmax_scale  # [..., n, L]
+        # latent @ q^T keeps the big operand in its stored layout (q_abs @ latent^T makes oneDNN copy the latent)
+        scores = (latent @ q_abs.transpose(-1, -2)).transpose(-1, -2).float().mul_(self.softmax_scale)  # [..., n, L]
         if pad is not None:
-            scores = scores.masked_fill(pad.unsqueeze(-2), float("-inf"))
+            scores.masked_fill_(pad.unsqueeze(-2), float("-inf"))
         p = scores.softmax(dim=-1).to(latent.dtype)
-        return p @ latent[..., :self.rank]  # value = the first R columns of the key
+        return (p @ latent)[..., :self.rank]  # value = the first R columns of the key; slicing after, not before,
+        # avoids copying the latent into a contiguous [L, R] block
 
     # ---- engine step over the paged latent cache ---------------------------------------------------------
     def _attend_paged(self, q_nope, q_pe, c_kv, k_pe, attn: PagedAttention) -> torch.Tensor:
