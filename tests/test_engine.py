@@ -128,7 +128,8 @@ def test_abort_frees_blocks_at_once(tiny):
     outs = {o.request_id: o for o in llm.step()}
     assert outs[rid].finished and outs[rid].finish_reason == "abort"
     while llm.has_unfinished_requests():
-        llm.step()
+        outs.update({o.request_id: o for o in llm.step()})
+    assert outs[keep].finish_reason == "length" and len(outs[keep].token_ids) == 5  # the other one is untouched
     assert _free_everything(llm)
 
 

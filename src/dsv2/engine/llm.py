@@ -10,10 +10,8 @@ Lower level (the server's engine loop): add_request() from any thread, step() in
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import threading
-import time
 from collections.abc import Iterator
 
 import torch
@@ -21,9 +19,10 @@ import torch
 from ..checkpoint import load_model, resolve_model_path
 from ..model.packed import can_pack, pack_for_cpu_inference
 from ..progress import Progress
-from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from ..tokenizer import Tokenizer
 from .kv_cache import BlockAllocator, default_kv_cache_memory, num_blocks_for_memory
-from .outputs import CompletionOutput, Logprob, RequestOutput
+from .outputs import Logprob, RequestOutput
+from .request import Completion, Request
 from .runner import ModelRunner
 from .sampler import Sampler, TokenLogprobs, make_generator, prompt_logprobs
 from .sampling_params import SamplingParams
@@ -33,89 +32,6 @@ from .sequence import Sequence
 _DTYPES = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
            "half": torch.float16, "fp16": torch.float16, "float32": torch.float32, "float": torch.float32,
            "fp32": torch.float32}
-
-
-class _Completion:
-    """Text state of one sequence: incremental detokenization, stop strings, what was already streamed."""
-
-    def __init__(self, seq: Sequence, tokenizer: Tokenizer | None):
-        self.seq = seq
-        p = seq.params
-        self.detok = (IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, p.skip_special_tokens)
-                      if tokenizer is not None else None)
-        self.text = ""  # the output text so far (stop strings cut off)
-        self.sent_text = 0  # chars of text already handed out as deltas
-        self.sent_tokens = 0
-        self.logprobs = [] if p.logprobs is not None else None
-        self.cumulative_logprob = 0.0 if p.logprobs is not None else None
-        self.max_stop = max((len(s) for s in p.stop), default=0)
-
-    def add_text(self, token_id: int) -> str | None:
-        """Detokenize one new token; returns the stop string if one now appears in the text."""
-        if self.detok is None:
-            return None
-        delta = self.detok.add(token_id)
-        if not delta or not self.seq.params.stop:
-            self.text += delta
-            return None
-        search_from = max(0, len(self.text) - self.max_stop + 1)
-        self.text += delta
-        hits = [(i, s) for s in self.seq.params.stop if (i := self.text.find(s, search_from)) >= 0]
-        if not hits:
-            return None
-        i, s = min(hits)
-        self.text = self.text[:i + (len(s) if self.seq.params.include_stop_str_in_output else 0)]
-        return s
-
-    def finish_text(self) -> None:
-        """Flush bytes the detokenizer held back (a sequence that ended mid-character)."""
-        if self.detok is not None:
-            self.text += self.detok.flush()
-
-    def holdback(self) -> int:
-        """Chars at the end of the text that could be the start of a stop string: not streamed yet."""
-        if self.seq.is_finished or not self.max_stop:
-            return 0
-        for k in range(min(self.max_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.seq.params.stop):
-                return k
-        return 0
-
-    def output(self) -> CompletionOutput:
-        seq = self.seq
-        visible = len(self.text) - self.holdback()
-        delta_text = self.text[self.sent_text:visible] if visible > self.sent_text else ""
-        self.sent_text = max(self.sent_text, visible)
-        delta_tokens = seq.output_token_ids[self.sent_tokens:]
-        self.sent_tokens = seq.num_output_tokens
-        return CompletionOutput(index=seq.index, text=self.text[:self.sent_text], token_ids=list(seq.output_token_ids),
-                                cumulative_logprob=self.cumulative_logprob, logprobs=self.logprobs,
-                                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                                delta_text=delta_text, delta_token_ids=list(delta_tokens))
-
-
-class _Request:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 completions: list[_Completion]):
-        self.request_id, self.prompt, self.prompt_token_ids, self.params = request_id, prompt, prompt_token_ids, params
-        self.completions = completions
-        self.prompt_logprobs = [] if params.prompt_logprobs is not None else None
-        self.arrival_time = time.monotonic()
-
-    @property
-    def finished(self) -> bool:
-        return all(c.seq.is_finished for c in self.completions)
-
-    def output(self) -> RequestOutput:
-        seqs = [c.seq for c in self.completions]
-        firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
-        return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-            outputs=[c.output() for c in self.completions], finished=self.finished,
-            prompt_logprobs=self.prompt_logprobs, num_cached_tokens=seqs[0].num_cached_tokens,
-            metrics={"arrival_time": self.arrival_time, "first_token_time": min(firsts) if firsts else None,
-                     "last_token_time": max((s.last_token_time or 0) for s in seqs) or None})
 
 
 class LLM:
@@ -204,8 +120,8 @@ class LLM:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=seed)
-        self._requests: dict[str, _Request] = {}
-        self._pending: list[_Request] = []
+        self._requests: dict[str, Request] = {}
+        self._pending: list[Request] = []
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -232,8 +148,8 @@ class LLM:
         for i in range(params.n):
             gen = make_generator(params.seed, i, self.device) if params.seed is not None else None
             seq = Sequence(ids, params, request_id=request_id, index=i, generator=gen)
-            completions.append(_Completion(seq, self.tokenizer))
-        req = _Request(request_id, text, ids, params, completions)
+            completions.append(Completion(seq, self.tokenizer))
+        req = Request(request_id, text, ids, params, completions)
         with self._lock:
             if request_id in self._requests or any(r.request_id == request_id for r in self._pending):
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -277,7 +193,7 @@ class LLM:
         with self._lock:
             pending, self._pending = self._pending, []
             aborts, self._aborts = self._aborts, set()
-        changed: dict[str, _Request] = {}
+        changed: dict[str, Request] = {}
         for req in pending:
             self._requests[req.request_id] = req
             for c in req.completions:
@@ -306,7 +222,7 @@ class LLM:
                 self._requests.pop(rid, None)
         return results
 
-    def _run(self, out, changed: dict[str, _Request]) -> None:
+    def _run(self, out, changed: dict[str, Request]) -> None:
         logits = self.runner.run(out.scheduled)
         sampling = [item.seq for item in out.scheduled if item.sample]
         for item in out.scheduled:  # prompt logprobs, chunk by chunk, before the positions advance
@@ -335,7 +251,7 @@ class LLM:
             self._check_finish(seq, comp, token)
             changed[seq.request_id] = req
 
-    def _check_finish(self, seq: Sequence, comp: _Completion, token: int) -> None:
+    def _check_finish(self, seq: Sequence, comp: Completion, token: int) -> None:
         """Stop token, stop string, max_tokens or a full context ends a sequence (the sampler already kept eos and
         stop tokens out until min_tokens, so they can be taken at face value here)."""
         p = seq.params
