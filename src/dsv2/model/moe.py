@@ -1,10 +1,13 @@
 """DeepSeekMoE (MODEL_SPEC section 4): an fp32 softmax router (greedy or group-limited), routed experts stored
 stacked, and shared experts fused into one MLP.
 
-Shape legend: T tokens, H hidden, E routed experts, K experts per token, G groups, I expert width.
+Shape legend: T tokens, H hidden, E routed experts, K experts per token, G groups, I expert width,
+B sequences (T = B * S tokens, flattened row-major), D capacity units ("devices": the G groups, or the E experts
+when there is one group).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,7 @@ class RouterOutput:
     """What training needs from one MoE layer's router (balance losses, load statistics)."""
     scores: torch.Tensor  # [T, E] fp32 softmax affinities s_{i,t}
     topk_idx: torch.Tensor  # [T, K]
+    dropped: torch.Tensor | None = None  # [T, K] bool: assignments dropped for capacity (training only)
 
 
 class Gate(nn.Module):
@@ -64,31 +68,50 @@ class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = E
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # rows [gate I | up I] per expert
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H], weights/idx [T, K] -> sum_k weights * expert_idx(x)  [T, H]. Tokens are grouped by expert,
-        so the Python loop runs over the experts that received tokens, never over tokens."""
+        so the Python loop runs over the experts that received tokens, never over tokens. keep [T, K] bool
+        (training-time token dropping) skips the False assignments entirely: their compute is what dropping saves."""
         T, K = idx.shape
+        if T == 1 and keep is None:  # one token (single-sequence decode): nothing to group or scatter
+            y = torch.zeros(1, x.shape[-1], dtype=torch.float32, device=x.device)
+            for e, w in zip(idx[0].tolist(), weights[0].tolist()):
+                y.add_(self.expert(e, x), alpha=w)  # accumulate in fp32, as the grouped path combines
+            return y.to(x.dtype)
         flat = idx.flatten()  # [T*K]
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        if keep is None:
+            order = flat.argsort(stable=True)
+            counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        else:
+            kept = keep.flatten().nonzero().squeeze(-1)  # surviving slots of the [T*K] assignments
+            if not kept.numel():
+                return torch.zeros_like(x)
+            order = kept[flat[kept].argsort(stable=True)]
+            counts = torch.bincount(flat[kept], minlength=self.n_experts).tolist()
         token = order // K  # which token each sorted slot came from
         xs = x.index_select(0, token)  # [T*K, H], grouped by expert
         ys, start = [], 0
         for e, c in enumerate(counts):
             if c:
-                gate, up = F.linear(xs[start:start + c], self.gate_up_proj[e]).chunk(2, dim=-1)
-                ys.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+                ys.append(self.expert(e, xs[start:start + c]))
                 start += c
         ys = torch.cat(ys).float() * weights.flatten()[order].unsqueeze(-1)  # combine in fp32
         return torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, ys).to(x.dtype)
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU MLP on its tokens x [c, H]."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The slow twin: every expert, every token, masks only. Tests compare forward() against it."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for e in range(self.gate_up_proj.shape[0]):
+        for e in range(self.n_experts):
             gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down_proj[e]).float()  # [T, H]
             w = (weights * (idx == e)).sum(dim=-1, keepdim=True)  # [T, 1], zero where e was not chosen
@@ -104,6 +127,36 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         n_shared = cfg.n_shared_experts or 0
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+        # Token dropping (paper section 2.2.4) is a training-time option the trainer switches on; it is never
+        # applied in eval mode, so inference is untouched. capacity_factor None = no dropping.
+        self.capacity_factor: float | None = None
+        self.no_drop: torch.Tensor | None = None  # [B] bool, set per batch: sequences never dropped
+        self.n_units = cfg.num_groups if cfg.num_groups > 1 else cfg.n_routed_experts
+
+    def capacity_keep(self, scores: torch.Tensor, idx: torch.Tensor, n_seq: int) -> torch.Tensor:
+        """Device-level capacity (paper 2.2.4): each of the D units processes at most
+        ceil(capacity_factor * T*K / D) token-expert assignments -- factor 1.0 is the average load. Above that,
+        the lowest-affinity assignments are dropped, except those of the sequences marked in `no_drop`, which
+        rank first and are always kept. scores [T, E], idx [T, K] -> keep [T, K] bool."""
+        T, K = idx.shape
+        E, D = scores.shape[-1], self.n_units
+        unit = (idx // (E // D)).flatten()  # [T*K] which unit (device) serves each assignment
+        priority = scores.gather(1, idx).flatten()  # [T*K] affinity s_{i,t}, in [0, 1]
+        protected = torch.zeros_like(unit, dtype=torch.bool)
+        if self.no_drop is not None:
+            if self.no_drop.numel() != n_seq:
+                raise ValueError(f"MoE.no_drop marks {self.no_drop.numel()} sequences but the batch has {n_seq}")
+            protected = self.no_drop.to(unit.device).repeat_interleave(T // n_seq * K)  # tokens are row-major
+            priority = priority.masked_fill(protected, 2.0)  # above any softmax score
+        # rank every assignment within its unit by descending priority (ties keep token order)
+        order = priority.argsort(descending=True, stable=True)
+        order = order[unit[order].argsort(stable=True)]  # grouped by unit, best first within each
+        counts = torch.bincount(unit, minlength=D)
+        first = counts.cumsum(0) - counts  # where each unit's run starts in `order`
+        rank = torch.empty_like(unit)
+        rank[order] = torch.arange(unit.numel(), device=unit.device) - first[unit[order]]
+        capacity = math.ceil(self.capacity_factor * T * K / D)
+        return ((rank < capacity) | protected).view(T, K)
 
     def forward(self, x: torch.Tensor, router_out: dict | None = None) -> torch.Tensor:
         """x [..., H]. When `router_out` is a dict, the router's output is stored under this layer's index
@@ -111,9 +164,12 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
         weights, idx, scores = self.gate(x)
-        y = self.experts(x, weights, idx)
+        keep = None
+        if self.training and self.capacity_factor is not None:
+            keep = self.capacity_keep(scores, idx, shape[0] if len(shape) == 3 else 1)
+        y = self.experts(x, weights, idx, keep)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if router_out is not None:
-            router_out[self.layer_idx] = RouterOutput(scores, idx)
+            router_out[self.layer_idx] = RouterOutput(scores, idx, None if keep is None else ~keep)
         return y.view(shape)
