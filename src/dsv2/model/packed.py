@@ -83,19 +83,26 @@ def _fuse_input_projections(mla: MLA) -> None:
 
 
 def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
-    """Replace the model's linear layers, MLPs and routed experts by packed versions, in place; returns the model."""
-    for module in list(model.modules()):
+    """Replace the model's linear layers, MLPs and routed experts by packed versions, in place; returns the model.
+    Each plain weight is released as soon as its packed copy exists, so memory peaks near one model plus one layer."""
+    for module in model.modules():
         if isinstance(module, MLA) and module.fused_input_proj is None:
             _fuse_input_projections(module)
             w_uk, w_uv_t = module.absorbed_weights()  # contiguous per-head W_UK / W_UV^T for absorbed decode
             module.absorbed = (w_uk.contiguous(), w_uv_t.contiguous())
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, MLP):
-                setattr(module, name, PackedMLP(child))
-            elif isinstance(child, nn.Linear) and name != "kv_b_proj" and child.weight.dtype == torch.bfloat16:
-                setattr(module, name, PackedLinear(child))
-            elif isinstance(child, Experts) and not isinstance(child, PackedExperts):
-                setattr(module, name, PackedExperts(child))
+    _replace_children(model)
     model.packed = True
     return model
+
+
+def _replace_children(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, MLP):
+            setattr(module, name, PackedMLP(child))
+        elif isinstance(child, nn.Linear) and name != "kv_b_proj" and child.weight.dtype == torch.bfloat16:
+            setattr(module, name, PackedLinear(child))
+        elif isinstance(child, Experts) and not isinstance(child, PackedExperts):
+            setattr(module, name, PackedExperts(child))
+        else:
+            _replace_children(child)
+        del child  # drop this frame's reference too, so the plain weights go now
