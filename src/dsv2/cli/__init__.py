@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import info, run
+from . import info, run, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `dsv2 COMMAND --help` for the options of one command.")
     parser.add_argument("--version", action="version", version=f"dsv2 {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (info, run):
+    for module in (info, run, serve, train):
         module.register(sub)
     return parser
 

@@ -1,0 +1,51 @@
+"""Held-out evaluation: mean next-token loss and bits per UTF-8 byte over a prepared split.
+
+bits per byte = total nats over every predicted token / ln 2 / UTF-8 bytes of the split's documents. Unlike
+per-token loss it does not depend on the tokenizer, so models with different vocabularies compare fairly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .data import TokenShards, eval_windows
+
+
+@torch.no_grad()
+def evaluate(model, shards: TokenShards, seq_len: int, batch_size: int = 8, limit: int | None = None,
+             bf16: bool = False, progress=None) -> dict:
+    """Eval mode (no token dropping), windows of seq_len. limit=None covers the whole split and adds bits per
+    byte; a limit evaluates that many windows spread over the split (the periodic validation loss)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nats, tokens = 0.0, 0
+    pending: list = []
+
+    def run(batch):
+        nonlocal nats, tokens
+        x = torch.stack([torch.from_numpy(w[0]) for w in batch]).to(device)  # [B, T]
+        y = torch.stack([torch.from_numpy(w[1]) for w in batch]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        nats += float(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+        tokens += y.numel()
+        if progress is not None:
+            progress.update(y.numel())
+
+    for window in eval_windows(shards, seq_len, limit):
+        if pending and len(window[0]) != len(pending[0][0]):  # a shard's short last window: its own batch
+            run(pending)
+            pending = []
+        pending.append(window)
+        if len(pending) == batch_size:
+            run(pending)
+            pending = []
+    if pending:
+        run(pending)
+    model.train(was_training)
+    out = {"loss": nats / max(tokens, 1), "tokens": tokens}
+    if limit is None:
+        out.update(nats=nats, bytes=shards.bytes, bits_per_byte=nats / math.log(2) / max(shards.bytes, 1))
+    return out

@@ -1,0 +1,50 @@
+"""`dsv2 export RUN_DIR OUT_DIR`: a training checkpoint -> a Hugging Face model directory.
+
+OUT_DIR gets config.json, model.safetensors (published per-expert key layout, via `save_model`), the tokenizer
+files the data was prepared with, and generation_config.json -- what `dsv2.load_model`, the dsv2 engine and
+`transformers.AutoModelForCausalLM.from_pretrained` all read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from ..checkpoint import save_model
+from ..config import ModelConfig
+from ..model import build_model
+from .checkpointing import load_latest
+from .loop import TOKENIZER_FILES
+
+# DeepSeek-Coder-V2-Lite's generation_config.json sampling defaults
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.3, "top_p": 0.95}
+
+
+def export(run_dir: str, out_dir: str, step: int | None = None, dtype: torch.dtype | None = None) -> dict:
+    """Write checkpoint `step` (default: the newest) of `run_dir` to `out_dir` in `dtype` (default: float32, as
+    trained). Returns what was written."""
+    cfg = ModelConfig.from_pretrained(run_dir)
+    loaded = load_latest(run_dir, step)
+    if loaded is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train first (checkpoints are written every "
+                                "--save-every steps and at the end)")
+    state, path = loaded
+    model = build_model(cfg, init=False)
+    model.load_state_dict(state["model"])
+    os.makedirs(out_dir, exist_ok=True)
+    save_model(model, out_dir, dtype=dtype)
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    copied = []
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(tok_dir, name)):
+            shutil.copyfile(os.path.join(tok_dir, name), os.path.join(out_dir, name))
+            copied.append(name)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **GENERATION_DEFAULTS}
+    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(gen, f, indent=2)
+        f.write("\n")
+    size = sum(os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir))
+    return {"out_dir": out_dir, "checkpoint": path, "step": state["step"], "params": model.num_params(),
+            "dtype": str(dtype or torch.float32).removeprefix("torch."), "tokenizer_files": copied, "bytes": size}

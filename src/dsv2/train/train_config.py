@@ -1,0 +1,105 @@
+"""TrainConfig: every setting of a pretraining run, saved as RUN_DIR/train_config.json and read back on --resume.
+Defaults follow the paper (MODEL_SPEC section 6) except the learning rate and warm-up, which are sized for the
+small models dsv2 trains on one machine."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+from .optim import SCHEDULES
+
+TRAIN_CONFIG = "train_config.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str  # a directory written by `dsv2 data prepare`
+    model: str = "tiny-stdlib"  # preset name or config.json
+    seq_len: int = 512
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    schedule: str = "step"
+    decay_points: tuple[float, ...] = (0.6, 0.9)
+    decay_factor: float = 0.316
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    decay_embeddings: bool = False
+    decay_router: bool = False
+    init_std: float | None = None  # None: the model config's initializer_range (0.006)
+    aux_expert: float | None = None  # alpha_1; None: the model config's aux_loss_alpha
+    aux_device: float = 0.0  # alpha_2
+    aux_comm: float = 0.0  # alpha_3
+    capacity_factor: float | None = None  # token dropping off
+    no_drop_fraction: float = 0.1
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    eval_every: int = 200
+    eval_batches: int = 8
+    final_eval: bool = True
+    log_every: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+
+    def __post_init__(self):
+        def need(cond: bool, name: str, why: str):
+            if not cond:
+                raise ValueError(f"training setting {name} = {getattr(self, name)!r}: {why}")
+
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "save_every", "eval_every",
+                     "eval_batches", "keep_checkpoints"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.lr > 0, "lr", "must be positive")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.schedule in SCHEDULES, "schedule", f"choose one of {SCHEDULES}")
+        need(all(0 < p <= 1 for p in self.decay_points), "decay_points", "fractions of training in (0, 1]")
+        need(self.grad_clip > 0, "grad_clip", "must be positive")
+        need(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor", "must be positive")
+        need(0 <= self.no_drop_fraction <= 1, "no_drop_fraction", "must be in [0, 1]")
+        need(self.init_std is None or self.init_std > 0, "init_std", "must be positive")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        d = dict(d)
+        if "decay_points" in d:
+            d["decay_points"] = tuple(d["decay_points"])
+        return cls(**d)
+
+    def save(self, run_dir: str) -> None:
+        tmp = os.path.join(run_dir, TRAIN_CONFIG + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, os.path.join(run_dir, TRAIN_CONFIG))
+
+    @classmethod
+    def load(cls, run_dir: str) -> "TrainConfig":
+        path = os.path.join(run_dir, TRAIN_CONFIG)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{run_dir} is not a dsv2 run directory (no {TRAIN_CONFIG})")
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
