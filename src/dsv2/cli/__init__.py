@@ -4,6 +4,8 @@
     dsv2 generate [--model PATH] PROMPT...   stream completions
     dsv2 chat [--model PATH]         interactive chat
     dsv2 bench --model PATH ...      prefill / decode throughput
+    dsv2 serve [--model PATH]        OpenAI-compatible HTTP server
+    dsv2 tokenizer train / data prepare / train / export / evaluate / plot   pretraining
     dsv2 --help / dsv2 COMMAND --help
 """
 from __future__ import annotations
