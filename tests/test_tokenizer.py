@@ -13,9 +13,10 @@ from tokenizers.pre_tokenizers import ByteLevel
 from dsv2.tokenizer import DEEPSEEK_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer
 from dsv2.train.bpe import BOS, EOS, train_tokenizer
 
+from conftest import REFERENCE
+
 # the published DeepSeek-Coder-V2-Lite tokenizer_config.json (AddedToken dicts, the chat template), kept beside the repo
-REAL_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "configs",
-                           "DeepSeek-Coder-V2-Lite", "tokenizer_config.json")
+REAL_CONFIG = os.path.join(REFERENCE, "configs", "DeepSeek-Coder-V2-Lite", "tokenizer_config.json")
 
 MULTILINGUAL = ("Hello, 世界! 中文测试：深度求索。日本語のテキスト、한국어 텍스트.\n"
                 "Emoji 😀👍🏽🇯🇵👨‍👩‍👧 café naïve e\u0301 Zoë — ünïcödé ∑∫√ \t tabs\n\n  two spaces\n")
