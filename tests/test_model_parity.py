@@ -57,19 +57,30 @@ def test_yarn_softmax_scale_and_tables_match_the_spec():
 
 
 def test_bf16_close_to_transformers_bf16(tmp_path):
+    """bf16 is judged by its error against fp32, next to transformers' own bf16 error on the same weights. (dsv2's
+    fused SDPA kernel rounds differently from transformers' math-path attention -- it keeps scores in fp32 -- and a
+    rounding difference can flip a near-tied expert choice, so the two bf16 results are not compared to each other.)"""
     path, _ = make_hf_model(tmp_path / "m", **CASES["q-lora_group-limited_scaled_yarn"])
     from transformers import DeepseekV2ForCausalLM
     hf = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     hf32 = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model = dsv2.load_model(path, dtype=torch.bfloat16)
     assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32  # the router stays fp32
-    ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref32, ref16, ours = hf32(ids).logits.float(), hf(ids).logits.float(), model(ids)
-    hf_err = (ref16 - ref32).abs().max()
-    assert (ours - ref16).abs().max() <= 0.02 * ref32.abs().max(), "dsv2 bf16 drifted from transformers bf16"
-    assert (ours - ref32).abs().max() <= 1.5 * hf_err + 1e-3  # no worse than transformers' own bf16 rounding
-    assert (ours.argmax(-1) == ref16.argmax(-1)).float().mean() >= 0.95
+    ours_mean, hf_mean, ours_agree, hf_agree = 0.0, 0.0, 0.0, 0.0
+    for seed in range(5):
+        ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            ref32, ref16, ours = hf32(ids).logits.float(), hf(ids).logits.float(), model(ids)
+        assert ours.dtype == torch.float32 and ours.shape == ref32.shape
+        hf_err, our_err = (ref16 - ref32).abs(), (ours - ref32).abs()
+        assert our_err.max() <= 1.5 * hf_err.max() + 1e-3, f"prompt {seed}: worse than transformers' bf16 rounding"
+        assert our_err.max() <= 0.3 * ref32.abs().max(), f"prompt {seed}: bf16 far from fp32"
+        ours_mean, hf_mean = ours_mean + our_err.mean().item(), hf_mean + hf_err.mean().item()
+        top = ref32.argmax(-1)
+        ours_agree += (ours.argmax(-1) == top).float().mean().item() / 5
+        hf_agree += (ref16.argmax(-1) == top).float().mean().item() / 5
+    assert ours_mean <= 1.1 * hf_mean, (ours_mean, hf_mean)  # at least as accurate on average
+    assert ours_agree >= hf_agree - 0.02 and ours_agree >= 0.9, (ours_agree, hf_agree)
 
 
 def _own_reference_case(tmp_path, **kw):

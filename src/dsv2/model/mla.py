@@ -104,13 +104,16 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(-3, -2)  # [B, n, T, Dq]
         k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope)], dim=-1).transpose(-3, -2)
-        v = v.transpose(-3, -2)  # [B, n, L, Dv]
+        Dq = q.shape[-1]
+        if self.v_dim < Dq:  # SDPA's fused (flash) kernels want one head dim for q, k and v; with Dv < Dq it falls
+            v = F.pad(v, (0, Dq - self.v_dim))  # back to the math path, 3-5x slower on CPU: pad v with zeros
+        v = v.transpose(-3, -2)  # [B, n, L, max(Dv, Dq)]
         if q_offset == 0 and T == L:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:  # a chunk after a cached prefix: query t sees keys 0 .. q_offset + t
             mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=q_offset)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        return out.transpose(-3, -2)  # [B, T, n, Dv]
+        return out[..., :self.v_dim].transpose(-3, -2)  # [B, T, n, Dv]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [n, Dn, R] and W_UV^T [n, R, Dv], the per-head slices of kv_b_proj (precomputed contiguous copies
