@@ -63,6 +63,6 @@ def run_serve(args) -> int:
     config = ServerConfig(model_name=args.served_model_name or served_name(args.model), api_key=args.api_key or None,
                           max_waiting=args.max_waiting, max_body_bytes=parse_bytes(args.max_body_bytes))
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
+              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, quantization=args.quantization)
     run_server(llm, config, host=args.host, port=args.port, grace=args.shutdown_grace, log_level=args.log_level)
     return 0

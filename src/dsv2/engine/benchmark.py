@@ -48,6 +48,7 @@ def run_benchmark(llm: LLM, batch: int, context: int, new: int, repeat: int = 1,
             best = (prefill, decode)
     return {
         "batch": batch, "context": context, "new": new, "dtype": str(llm.dtype).removeprefix("torch."),
+        "quantization": llm.quantization,
         "device": str(llm.device),
         "prefill_tokens_per_s": best[0], "decode_tokens_per_s": best[1],
         "kv_cache_bytes_per_token": llm.config.kv_cache_bytes_per_token(torch.empty(0, dtype=llm.dtype).element_size()),

@@ -68,7 +68,8 @@ class PackedMLP(nn.Module):
         return _packed_linear(F.silu(gate) * up, self.down)
 
 
-def _fuse_input_projections(mla: MLA) -> None:
+def fuse_input_projections(mla: MLA, wrap=None) -> None:
+    """[q_proj or q_a_proj | kv_a_proj_with_mqa] as one matrix, wrapped by `wrap` (PackedLinear by default)."""
     first = mla.q_proj if mla.q_lora_rank is None else mla.q_a_proj
     second = mla.kv_a_proj_with_mqa
     fused = nn.Linear(first.in_features, first.out_features + second.out_features, bias=first.bias is not None,
@@ -76,7 +77,7 @@ def _fuse_input_projections(mla: MLA) -> None:
     fused.weight = nn.Parameter(torch.cat([first.weight, second.weight]), requires_grad=False)
     if first.bias is not None:
         fused.bias = nn.Parameter(torch.cat([first.bias, second.bias]), requires_grad=False)
-    mla.fused_input_proj = PackedLinear(fused)
+    mla.fused_input_proj = (wrap or PackedLinear)(fused)
     mla.fused_input_split = (first.out_features, second.out_features)
     for name in ("q_proj" if mla.q_lora_rank is None else "q_a_proj", "kv_a_proj_with_mqa"):
         setattr(mla, name, None)  # the fused copy replaces them
@@ -87,7 +88,7 @@ def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
     Each plain weight is released as soon as its packed copy exists, so memory peaks near one model plus one layer."""
     for module in model.modules():
         if isinstance(module, MLA) and module.fused_input_proj is None:
-            _fuse_input_projections(module)
+            fuse_input_projections(module)
             w_uk, w_uv_t = module.absorbed_weights()  # contiguous per-head W_UK / W_UV^T for absorbed decode
             module.absorbed = (w_uk.contiguous(), w_uv_t.contiguous())
     _replace_children(model)
