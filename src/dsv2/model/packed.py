@@ -91,19 +91,26 @@ def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
             fuse_input_projections(module)
             w_uk, w_uv_t = module.absorbed_weights()  # contiguous per-head W_UK / W_UV^T for absorbed decode
             module.absorbed = (w_uk.contiguous(), w_uv_t.contiguous())
-    _replace_children(model)
+    swap_matrices(model, PackedMLP, lambda m: PackedLinear(m) if m.weight.dtype == torch.bfloat16 else None,
+                  lambda e: None if isinstance(e, PackedExperts) else PackedExperts(e))
     model.packed = True
     return model
 
 
-def _replace_children(module: nn.Module) -> None:
+def swap_matrices(module: nn.Module, mlp, linear, experts) -> None:
+    """Replace, recursively, every MLP, nn.Linear (except kv_b_proj) and Experts child by mlp(child), linear(child)
+    or experts(child); a factory that returns None keeps the child. Each plain child is dropped as soon as it is
+    replaced, so memory peaks near one model plus one layer."""
     for name, child in list(module.named_children()):
+        new = None
         if isinstance(child, MLP):
-            setattr(module, name, PackedMLP(child))
-        elif isinstance(child, nn.Linear) and name != "kv_b_proj" and child.weight.dtype == torch.bfloat16:
-            setattr(module, name, PackedLinear(child))
-        elif isinstance(child, Experts) and not isinstance(child, PackedExperts):
-            setattr(module, name, PackedExperts(child))
-        else:
-            _replace_children(child)
+            new = mlp(child)
+        elif isinstance(child, nn.Linear) and name != "kv_b_proj":
+            new = linear(child)
+        elif isinstance(child, Experts):
+            new = experts(child)
+        if new is not None:
+            setattr(module, name, new)
+        elif not isinstance(child, nn.Linear):
+            swap_matrices(child, mlp, linear, experts)
         del child  # drop this frame's reference too, so the plain weights go now

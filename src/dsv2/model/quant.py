@@ -20,7 +20,7 @@ from torch import nn
 from .layers import MLP
 from .mla import MLA
 from .moe import Experts
-from .packed import fuse_input_projections
+from .packed import fuse_input_projections, swap_matrices
 
 GEMV_ROWS = 16  # up to this many rows use the int8 kernel, beyond that dequantize + matmul wins (2 EPYC cores)
 QUANTIZATIONS = ("int8",)
@@ -115,19 +115,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
             fuse_input_projections(module, Int8Linear)
             w_uk, w_uv_t = module.absorbed_weights()
             module.absorbed = (w_uk.contiguous(), w_uv_t.contiguous())
-    _replace_children(model)
+    swap_matrices(model, Int8MLP, Int8Linear, lambda e: None if isinstance(e, Int8Experts) else Int8Experts(e))
     model.quantization = "int8"
     return model
-
-
-def _replace_children(module: nn.Module) -> None:
-    for name, child in list(module.named_children()):
-        if isinstance(child, MLP):
-            setattr(module, name, Int8MLP(child))
-        elif isinstance(child, nn.Linear) and name != "kv_b_proj":
-            setattr(module, name, Int8Linear(child))
-        elif isinstance(child, Experts) and not isinstance(child, Int8Experts):
-            setattr(module, name, Int8Experts(child))
-        else:
-            _replace_children(child)
-        del child  # drop this frame's reference too, so the plain weights go now
