@@ -7,7 +7,13 @@
     python benchmarks/compare.py /tmp/bench-mini --gguf /tmp/bench-mini.gguf --out benchmarks/results/mini.json
 
 Every number comes from a separate process (dsv2 bench, ../shared/bench/hf_bench.py, llama_cpp_bench.py), run one
-after another with 2 threads each, so they share nothing but the machine. Prints a markdown table with ratios.
+after another with 2 threads each, so they share nothing but the machine. --rounds N runs the whole set N times,
+interleaved, and keeps each engine's best prefill and best decode: on a shared machine whose speed drifts, every
+engine gets the same chances. Prints a markdown table with ratios.
+
+Weight-only int8 against llama.cpp's 8-bit format (the same weights, quantized by each):
+    bash ../shared/bench/to_gguf.sh /tmp/bench-mini /tmp/bench-mini-q8_0.gguf q8_0
+    python benchmarks/compare.py /tmp/bench-mini --quantization int8 --gguf /tmp/bench-mini-q8_0.gguf --skip-hf
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ CASES = [  # (name, batch, context, new)
     ("256 ctx, 16 seqs", 16, 256, 32),
     ("4096 ctx, 1 seq", 1, 4096, 32),
 ]
+EXTRA: dict = {}  # from dsv2 bench --json: latent cache bytes per token, the largest peak RSS seen
 RATE = re.compile(r"prefill ([\d.]+) tok/s, decode ([\d.]+) tok/s")
 
 
@@ -37,6 +44,8 @@ def run(cmd: list[str], env: dict) -> tuple[float, float] | None:
         return None
     if cmd[-1] == "--json":
         d = json.loads(p.stdout.strip().splitlines()[-1])
+        EXTRA.update(kv_cache_bytes_per_token=d["kv_cache_bytes_per_token"],
+                     peak_rss_mb=max(EXTRA.get("peak_rss_mb", 0), d["peak_rss_mb"]))
         return d["prefill_tokens_per_s"], d["decode_tokens_per_s"]
     m = RATE.search(p.stdout)
     return (float(m.group(1)), float(m.group(2))) if m else None
@@ -60,27 +69,39 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--repeat", type=int, default=2, help="dsv2 repeats each case and keeps the best (default 2)")
+    ap.add_argument("--rounds", type=int, default=1, help="run everything N times, keep each engine's best (default 1)")
+    ap.add_argument("--quantization", default=None, choices=["int8"], help="dsv2 --quantization (default: bf16)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
-    results = {"model": a.model, "threads": a.threads, "date": time.strftime("%Y-%m-%d %H:%M"), "cases": []}
-    for name, batch, context, new in CASES:
-        row = {"case": name, "batch": batch, "context": context, "new": new}
-        row["dsv2"] = run([sys.executable, "-m", "dsv2.cli", "bench", "--model", a.model, "--batch", str(batch),
-                           "--context", str(context), "--new", str(new), "--repeat", str(a.repeat), "--json"], env)
-        if not a.skip_hf:
-            row["transformers"] = run([sys.executable, os.path.join(BENCH, "hf_bench.py"), a.model, "--batch",
-                                       str(batch), "--context", str(context), "--new", str(new)], env)
-        if a.gguf and batch == 1:  # llama_cpp_bench.py runs one sequence
-            row["llama.cpp"] = run([sys.executable, os.path.join(BENCH, "llama_cpp_bench.py"), a.gguf, "--context",
-                                    str(context), "--new", str(new), "--threads", str(a.threads)], env)
-        results["cases"].append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+    results = {"model": a.model, "gguf": a.gguf, "threads": a.threads, "rounds": a.rounds,
+               "quantization": a.quantization, "date": time.strftime("%Y-%m-%d %H:%M"), "cases": []}
+    quant = ["--quantization", a.quantization] if a.quantization else []
+    rows = [{"case": name, "batch": batch, "context": context, "new": new} for name, batch, context, new in CASES]
+    for _ in range(a.rounds):
+        for row in rows:
+            batch, context, new = (str(row[k]) for k in ("batch", "context", "new"))
+            got = {"dsv2": run([sys.executable, "-m", "dsv2.cli", "bench", "--model", a.model, "--batch", batch,
+                                "--context", context, "--new", new, "--repeat", str(a.repeat), *quant, "--json"], env)}
+            if not a.skip_hf:
+                got["transformers"] = run([sys.executable, os.path.join(BENCH, "hf_bench.py"), a.model, "--batch",
+                                           batch, "--context", context, "--new", new], env)
+            if a.gguf and row["batch"] == 1:  # llama_cpp_bench.py runs one sequence
+                got["llama.cpp"] = run([sys.executable, os.path.join(BENCH, "llama_cpp_bench.py"), a.gguf,
+                                        "--context", context, "--new", new, "--threads", str(a.threads)], env)
+            for engine, rate in got.items():
+                if rate is not None:
+                    row.setdefault("all_" + engine, []).append(rate)
+                    best = row.get(engine)
+                    row[engine] = rate if best is None else (max(best[0], rate[0]), max(best[1], rate[1]))
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    results["cases"] = rows
 
     from dsv2.config import ModelConfig
     cfg = ModelConfig.from_pretrained(a.model)
-    active_bytes = 2 * cfg.param_counts()["activated"]
+    active_bytes = (1 if a.quantization == "int8" else 2) * cfg.param_counts()["activated"]
     results["active_weight_bytes_per_token"] = active_bytes
+    results.update(EXTRA)
     results["measured_read_bandwidth_gbs"] = memory_bandwidth_gbs()
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
@@ -98,10 +119,14 @@ def markdown(r: dict) -> str:
             d, h, l = (c.get(k)[i] if c.get(k) else None for k in ("dsv2", "transformers", "llama.cpp"))
             ratio = lambda x, y: "-" if x is None or y is None else f"{x / y:.2f}x"
             lines.append(f"| {c['case']} | {what} tok/s | {fmt(d)} | {fmt(h)} | {fmt(l)} | {ratio(d, h)} | {ratio(d, l)} |")
+    lines += ["", *targets(r)]
     bw, active = r["measured_read_bandwidth_gbs"], r["active_weight_bytes_per_token"]
     one = r["cases"][0]["dsv2"]
     lines.append("")
-    lines.append(f"Active bf16 weights per token: {active / 1e6:.0f} MB. Measured streaming read bandwidth: {bw:.1f} GB/s "
+    if "peak_rss_mb" in r:
+        lines.append(f"dsv2: latent cache {r['kv_cache_bytes_per_token']} bytes per token; peak RSS "
+                     f"{r['peak_rss_mb']:.0f} MB over its bench runs.")
+    lines.append(f"Active weights per token ({'int8' if r.get('quantization') == 'int8' else 'bf16'}): {active / 1e6:.0f} MB. Measured streaming read bandwidth: {bw:.1f} GB/s "
                  f"(ceiling {bw * 1e9 / active:.0f} tok/s); at the issue's ~30 GB/s the ceiling is "
                  f"{30e9 / active:.0f} tok/s.")
     if one:
@@ -109,6 +134,33 @@ def markdown(r: dict) -> str:
                      f"weights, {100 * one[1] * active / (bw * 1e9):.0f}% of the measured ceiling, "
                      f"{100 * one[1] * active / 30e9:.0f}% of the issue's 30 GB/s one.")
     return "\n".join(lines)
+
+
+def targets(r: dict) -> list[str]:
+    """The issue's targets, as measured ratios (each needs its inputs to have been measured)."""
+    by = {c["case"]: c for c in r["cases"]}
+
+    def get(case, engine, i):
+        v = by.get(case, {}).get(engine)
+        return None if v is None else v[i]
+
+    checks = [  # (target, numerator, denominator, required ratio)
+        ("decode, 1 seq, 256 ctx >= llama.cpp", ("256 ctx, 1 seq", "dsv2", 1), ("256 ctx, 1 seq", "llama.cpp", 1), 1),
+        ("decode, 16 seqs >= 4x llama.cpp single-sequence", ("256 ctx, 16 seqs", "dsv2", 1),
+         ("256 ctx, 1 seq", "llama.cpp", 1), 4),
+        ("decode, 4096 ctx >= 2x llama.cpp", ("4096 ctx, 1 seq", "dsv2", 1), ("4096 ctx, 1 seq", "llama.cpp", 1), 2),
+        ("decode, 4096 ctx >= 3x transformers", ("4096 ctx, 1 seq", "dsv2", 1), ("4096 ctx, 1 seq", "transformers", 1),
+         3),
+        ("prefill, 4096 ctx >= llama.cpp", ("4096 ctx, 1 seq", "dsv2", 0), ("4096 ctx, 1 seq", "llama.cpp", 0), 1),
+        ("prefill, 256 ctx >= llama.cpp", ("256 ctx, 1 seq", "dsv2", 0), ("256 ctx, 1 seq", "llama.cpp", 0), 1),
+    ]
+    lines = ["| target | measured ratio | met |", "|---|---|---|"]
+    for name, num, den, need in checks:
+        x, y = get(*num), get(*den)
+        if x is None or y is None:
+            continue
+        lines.append(f"| {name} | {x / y:.2f}x | {'yes' if x / y >= need else 'no'} |")
+    return lines
 
 
 if __name__ == "__main__":
