@@ -29,9 +29,12 @@ def _sampling_args(p) -> None:
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy; default: the model's generation_config.json, else 1.0")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: generation_config or 1)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (try 1.1)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (0 = off; default: generation_config or off)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens below min_p x the top probability (default: generation_config or 0)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 discourages repeats, e.g. 1.1 (default: generation_config or 1 = off)")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this string (repeatable)")
 
@@ -81,8 +84,11 @@ def _params(args, llm):
     if args.temperature is None and gen.get("do_sample") is False:
         temperature = 0.0
     top_p = args.top_p if args.top_p is not None else gen.get("top_p", 1.0)
-    return SamplingParams(max_tokens=args.max_tokens, temperature=temperature, top_p=top_p, top_k=args.top_k,
-                          min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    top_k, min_p, repetition_penalty = (
+        getattr(args, k) if getattr(args, k) is not None else gen.get(k, off)
+        for k, off in (("top_k", 0), ("min_p", 0.0), ("repetition_penalty", 1.0)))
+    return SamplingParams(max_tokens=args.max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          min_p=min_p, repetition_penalty=repetition_penalty, seed=args.seed, stop=args.stop)
 
 
 def run_generate(args) -> int:

@@ -69,9 +69,9 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM extensions
-    top_k: int = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=-1)  # None: generation_config.json's, else off
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -84,18 +84,21 @@ class _Sampling(_Body):
 
     def sampling_params(self, defaults: dict, max_tokens: int | None, logprobs: int | None = None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
-        """SamplingParams for this request; temperature and top_p fall back to the model's generation_config.json
-        (`defaults`) when the client leaves them out, as vLLM does."""
+        """SamplingParams for this request; temperature, top_p, top_k, min_p and repetition_penalty fall back to the
+        model's generation_config.json (`defaults`) when the client leaves them out, as vLLM does."""
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported by dsv2", param="logit_bias")
         temperature = self.temperature
         if temperature is None:
             temperature = 0.0 if defaults.get("do_sample") is False else defaults.get("temperature", 1.0)
         top_p = self.top_p if self.top_p is not None else defaults.get("top_p", 1.0)
+        top_k, min_p, repetition_penalty = (
+            getattr(self, k) if getattr(self, k) is not None else defaults.get(k, off)
+            for k, off in (("top_k", 0), ("min_p", 0.0), ("repetition_penalty", 1.0)))
         try:
             return SamplingParams(
-                n=self.n, temperature=temperature, top_p=top_p, top_k=self.top_k, min_p=self.min_p,
-                repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                n=self.n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                repetition_penalty=repetition_penalty, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, max_tokens=max_tokens, min_tokens=self.min_tokens,
                 stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, seed=self.seed,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,

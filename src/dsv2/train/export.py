@@ -18,8 +18,9 @@ from ..model import build_model
 from .checkpointing import load_latest
 from .loop import TOKENIZER_FILES
 
-# DeepSeek-Coder-V2-Lite's generation_config.json sampling defaults
-GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.3, "top_p": 0.95}
+# DeepSeek-Coder-V2-Lite's generation_config.json sampling defaults, plus a mild repetition penalty: models as
+# small as the ones trained here on a CPU fall into loops without it
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.3, "top_p": 0.95, "repetition_penalty": 1.1}
 
 
 def export(run_dir: str, out_dir: str, step: int | None = None, dtype: torch.dtype | None = None) -> dict:
