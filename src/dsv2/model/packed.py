@@ -86,15 +86,21 @@ def fuse_input_projections(mla: MLA, wrap=None) -> None:
 def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
     """Replace the model's linear layers, MLPs and routed experts by packed versions, in place; returns the model.
     Each plain weight is released as soon as its packed copy exists, so memory peaks near one model plus one layer."""
-    for module in model.modules():
-        if isinstance(module, MLA) and module.fused_input_proj is None:
-            fuse_input_projections(module)
-            w_uk, w_uv_t = module.absorbed_weights()  # contiguous per-head W_UK / W_UV^T for absorbed decode
-            module.absorbed = (w_uk.contiguous(), w_uv_t.contiguous())
+    prepare_attention(model)
     swap_matrices(model, PackedMLP, lambda m: PackedLinear(m) if m.weight.dtype == torch.bfloat16 else None,
                   lambda e: None if isinstance(e, PackedExperts) else PackedExperts(e))
     model.packed = True
     return model
+
+
+def prepare_attention(model: nn.Module, wrap=None) -> None:
+    """Every MLA for inference: the fused input projection (wrapped by `wrap`, PackedLinear by default) and
+    contiguous per-head W_UK / W_UV^T for absorbed decode."""
+    for module in model.modules():
+        if isinstance(module, MLA) and module.fused_input_proj is None:
+            fuse_input_projections(module, wrap)
+            w_uk, w_uv_t = module.absorbed_weights()
+            module.absorbed = (w_uk.contiguous(), w_uv_t.contiguous())
 
 
 def swap_matrices(module: nn.Module, mlp, linear, experts) -> None:

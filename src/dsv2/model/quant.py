@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import MLP
-from .mla import MLA
 from .moe import Experts
-from .packed import fuse_input_projections, swap_matrices
+from .packed import prepare_attention, swap_matrices
 
 GEMV_ROWS = 16  # up to this many rows use the int8 kernel, beyond that dequantize + matmul wins (2 EPYC cores)
 QUANTIZATIONS = ("int8",)
@@ -110,11 +109,7 @@ class Int8Experts(Experts):
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace the model's matrices by int8 versions, in place; returns the model, which can then run but not train
     or be saved. Each plain weight is released as soon as its int8 copy exists."""
-    for module in model.modules():
-        if isinstance(module, MLA) and module.fused_input_proj is None:
-            fuse_input_projections(module, Int8Linear)
-            w_uk, w_uv_t = module.absorbed_weights()
-            module.absorbed = (w_uk.contiguous(), w_uv_t.contiguous())
+    prepare_attention(model, Int8Linear)
     swap_matrices(model, Int8MLP, Int8Linear, lambda e: None if isinstance(e, Int8Experts) else Int8Experts(e))
     model.quantization = "int8"
     return model
