@@ -78,17 +78,9 @@ def _llm(args, **extra):
 
 
 def _params(args, llm):
-    from ..engine.sampling_params import SamplingParams
-    gen = llm.generation_defaults
-    temperature = args.temperature if args.temperature is not None else gen.get("temperature", 1.0)
-    if args.temperature is None and gen.get("do_sample") is False:
-        temperature = 0.0
-    top_p = args.top_p if args.top_p is not None else gen.get("top_p", 1.0)
-    top_k, min_p, repetition_penalty = (
-        getattr(args, k) if getattr(args, k) is not None else gen.get(k, off)
-        for k, off in (("top_k", 0), ("min_p", 0.0), ("repetition_penalty", 1.0)))
-    return SamplingParams(max_tokens=args.max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          min_p=min_p, repetition_penalty=repetition_penalty, seed=args.seed, stop=args.stop)
+    from ..engine.sampling_params import GENERATION_CONFIG_KNOBS, SamplingParams, with_generation_defaults
+    knobs = with_generation_defaults(llm.generation_defaults, **{k: getattr(args, k) for k in GENERATION_CONFIG_KNOBS})
+    return SamplingParams(max_tokens=args.max_tokens, seed=args.seed, stop=args.stop, **knobs)
 
 
 def run_generate(args) -> int:

@@ -4,6 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # what the OpenAI API allows for top_logprobs
+GENERATION_CONFIG_KNOBS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def with_generation_defaults(defaults: dict, **given) -> dict:
+    """The sampling knobs of GENERATION_CONFIG_KNOBS for one request: what the user gave (not None), else the
+    model's generation_config.json (`defaults`), else off -- as vLLM does. do_sample false there means greedy."""
+    out = {}
+    for knob, off in GENERATION_CONFIG_KNOBS.items():
+        value = given.get(knob)
+        if value is None:
+            value = 0.0 if knob == "temperature" and defaults.get("do_sample") is False else defaults.get(knob, off)
+        out[knob] = value
+    return out
 
 
 @dataclass

@@ -64,9 +64,9 @@ def _register(module: nn.Module, name: str, quantized: tuple[torch.Tensor, torch
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
-        dtype = dtype or linear.weight.dtype
+        dtype = linear.weight.dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, s = quantize_rows(linear.weight, dtype)
         self.register_buffer("qweight", q)

@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from ..engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from ..engine.sampling_params import (GENERATION_CONFIG_KNOBS, MAX_LOGPROBS, SamplingParams,
+                                      with_generation_defaults)
 
 
 class APIError(Exception):
@@ -88,17 +89,10 @@ class _Sampling(_Body):
         model's generation_config.json (`defaults`) when the client leaves them out, as vLLM does."""
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported by dsv2", param="logit_bias")
-        temperature = self.temperature
-        if temperature is None:
-            temperature = 0.0 if defaults.get("do_sample") is False else defaults.get("temperature", 1.0)
-        top_p = self.top_p if self.top_p is not None else defaults.get("top_p", 1.0)
-        top_k, min_p, repetition_penalty = (
-            getattr(self, k) if getattr(self, k) is not None else defaults.get(k, off)
-            for k, off in (("top_k", 0), ("min_p", 0.0), ("repetition_penalty", 1.0)))
+        knobs = with_generation_defaults(defaults, **{k: getattr(self, k) for k in GENERATION_CONFIG_KNOBS})
         try:
             return SamplingParams(
-                n=self.n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                repetition_penalty=repetition_penalty, presence_penalty=self.presence_penalty,
+                n=self.n, **knobs, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty, max_tokens=max_tokens, min_tokens=self.min_tokens,
                 stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, seed=self.seed,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
