@@ -57,7 +57,8 @@ def run_serve(args) -> int:
         print(f"dsv2 serve: {e.name} is missing; install the server extra: pip install 'dsv2[serve]'",
               file=sys.stderr)
         return 1
-    from ..engine.llm import LLM, parse_bytes
+    from ..engine.llm import LLM
+    from ..units import parse_bytes
     if args.max_waiting < 1:
         raise ValueError(f"--max-waiting {args.max_waiting}: must be at least 1")
     config = ServerConfig(model_name=args.served_model_name or served_name(args.model), api_key=args.api_key or None,

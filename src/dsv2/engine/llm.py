@@ -21,6 +21,7 @@ from ..model.packed import can_pack, pack_for_cpu_inference
 from ..model.quant import QUANTIZATIONS, quantize_int8
 from ..progress import Progress
 from ..tokenizer import Tokenizer
+from ..units import parse_bytes
 from .kv_cache import BlockAllocator, default_kv_cache_memory, num_blocks_for_memory
 from .outputs import Logprob, RequestOutput
 from .request import Completion, Request
@@ -195,7 +196,10 @@ class LLM:
 
     @property
     def num_waiting(self) -> int:
-        return self.scheduler.num_waiting + len(self._pending)
+        """Sequences waiting for admission: a request with n completions counts n."""
+        with self._lock:
+            pending = sum(r.params.n for r in self._pending)
+        return self.scheduler.num_waiting + pending
 
     # ---- one engine step -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -352,18 +356,6 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [done[i] for i in ids]
-
-
-def parse_bytes(value: int | str) -> int:
-    """4294967296, "4GiB", "4GB", "512MiB", "1.5G" -> bytes."""
-    if isinstance(value, (int, float)):
-        return int(value)
-    s = value.strip().upper().replace("IB", "").replace("B", "")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    try:
-        return int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(float(s))
-    except ValueError:
-        raise ValueError(f"cannot read {value!r} as a size; write e.g. 4GiB or 512MiB") from None
 
 
 def _as_token_ids(ids) -> list[int]:
