@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .fileio import atomic_write
+
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 
@@ -242,7 +244,7 @@ class ModelConfig:
 
     def save(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        with atomic_write(os.path.join(directory, "config.json")) as f:
             json.dump(self.to_dict(), f, indent=2)
             f.write("\n")
 

@@ -22,6 +22,8 @@ import sys
 import numpy as np
 import torch
 
+from ..fileio import atomic_write
+
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -40,13 +42,8 @@ def save_checkpoint(run_dir: str, step: int, state: dict, keep: int) -> str:
     d = os.path.join(run_dir, CHECKPOINTS)
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f"step-{step:08d}.pt")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(d)
     for _, old in list_checkpoints(run_dir)[:-keep]:
         os.remove(old)
     return path
@@ -70,17 +67,6 @@ def load_latest(run_dir: str, step: int | None = None) -> tuple[dict, str] | Non
     if step is not None:
         raise FileNotFoundError(f"no readable checkpoint for step {step} in {os.path.join(run_dir, CHECKPOINTS)}")
     return None
-
-
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # not supported on this platform
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- RNG states (restored on resume so anything random continues exactly) --------------------------------
@@ -132,7 +118,5 @@ def truncate_metrics(run_dir: str, step: int) -> None:
     if not os.path.isfile(path):
         return
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step and r.get("kind") != "final"]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)

@@ -13,7 +13,6 @@ so window boundaries move between epochs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from bisect import bisect_right
@@ -21,20 +20,13 @@ from bisect import bisect_right
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
+from ..fileio import atomic_write, file_sha256
 from ..progress import Progress
 from ..tokenizer import Tokenizer
 from .documents import CorpusStats, is_validation, iter_documents
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _ShardWriter:
@@ -65,6 +57,8 @@ class _ShardWriter:
 
     def close(self) -> None:
         if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())  # on disk before the manifest that names it
             self.file.close()
             self.file = None
 
@@ -142,10 +136,8 @@ def prepare(inputs: list[str], tokenizer_dir: str, out_dir: str, text_field: str
         "files_read": stats.files, "skipped": stats.skipped,
         "splits": {s: w.summary() for s, w in writers.items()},
     }
-    tmp = manifest_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(manifest_path) as f:  # the commit point: the directory is valid from here on
         json.dump(manifest, f, indent=2)
-    os.replace(tmp, manifest_path)
     return manifest
 
 

@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from ..fileio import atomic_write
 from .optim import SCHEDULES
 
 TRAIN_CONFIG = "train_config.json"
@@ -88,10 +89,8 @@ class TrainConfig:
         return cls(**d)
 
     def save(self, run_dir: str) -> None:
-        tmp = os.path.join(run_dir, TRAIN_CONFIG + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(os.path.join(run_dir, TRAIN_CONFIG)) as f:
             json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, os.path.join(run_dir, TRAIN_CONFIG))
 
     @classmethod
     def load(cls, run_dir: str) -> "TrainConfig":
