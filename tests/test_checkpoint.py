@@ -141,3 +141,71 @@ def test_nothing_from_the_model_directory_is_executed(tmp_path, ckpt):
         json.dump(d, f)
     dsv2.load_model(ckpt)
     assert not marker.exists()
+
+
+def _files(d) -> dict[str, bytes]:
+    return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d))}
+
+
+def test_save_model_replaces_the_weights_and_keeps_the_users_other_files(tmp_path, ckpt):
+    model = dsv2.load_model(ckpt)
+    out = tmp_path / "out"
+    dsv2.save_model(model, out, max_shard_bytes=20_000)  # shards + index
+    (out / "tokenizer.json").write_text("{}")
+    (out / "generation_config.json").write_text('{"temperature": 0.5}')
+    dsv2.save_model(model, out, dtype=torch.bfloat16)  # now one file: no shard of the old layout may linger
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    assert (out / "generation_config.json").read_text() == '{"temperature": 0.5}'
+    assert sorted(os.listdir(tmp_path)) == ["m", "out"]  # no staging left beside it
+    assert dsv2.load_model(out).lm_head.weight.dtype == torch.float32
+
+
+def test_a_crash_mid_save_leaves_the_previous_model_directory_intact(tmp_path, ckpt, monkeypatch):
+    import dsv2.checkpoint
+    model = dsv2.load_model(ckpt)
+    out = tmp_path / "out"
+    dsv2.save_model(model, out, max_shard_bytes=20_000)
+    (out / "tokenizer.json").write_text("{}")
+    before = _files(out)
+    written = []
+
+    def dying_save_file(tensors, filename, metadata=None):
+        if written:  # the second shard: half of it, then the disk fills up
+            open(filename, "wb").write(b"half a shard")
+            raise OSError("disk full")
+        written.append(filename)
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(dsv2.checkpoint, "save_file", dying_save_file)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        dsv2.save_model(model, out, max_shard_bytes=20_000)
+    monkeypatch.undo()
+    assert _files(out) == before and sorted(os.listdir(tmp_path)) == ["m", "out"]
+    assert _roundtrip_equal(dsv2.load_model(out), dsv2.load_model(ckpt))
+
+
+def test_a_save_interrupted_between_its_renames_is_named_and_finished_by_the_next(tmp_path, ckpt, monkeypatch):
+    from dsv2.fileio import STAGING
+    model = dsv2.load_model(ckpt)
+    out = tmp_path / "out"
+    dsv2.save_model(model, out)
+    (out / "tokenizer.json").write_text("{}")
+    real_rename = os.rename
+
+    def rename(src, dst):  # the power fails after the old version is moved aside, before the new one moves in
+        if str(src).endswith(STAGING):
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        dsv2.save_model(model, out, dtype=torch.bfloat16)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"interrupted.*`mv .*out\.dsv2-tmp .*out`"):
+        dsv2.load_model(out)
+    dsv2.save_model(model, out)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(tmp_path)) == ["m", "out"]
+    assert _roundtrip_equal(dsv2.load_model(out), model)

@@ -165,6 +165,12 @@ def test_export_loads_in_dsv2_and_transformers_with_the_same_logits(trained_run,
     assert cli(["export", run, str(tmp_path / "bf16"), "--dtype", "bfloat16", "--step", "15"]) == 0
     size = lambda d: os.path.getsize(os.path.join(d, "model.safetensors"))
     assert size(str(tmp_path / "bf16")) < 0.6 * size(out)
+    full = size(out)
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write("my notes")
+    assert cli(["export", run, out, "--dtype", "bfloat16"]) == 0  # over the old export: weights replaced, notes kept
+    assert size(out) < 0.6 * full and open(os.path.join(out, "README.md")).read() == "my notes"
+    assert sorted(os.listdir(tmp_path)) == ["bf16", "hf"]
 
 
 def test_plot_writes_the_charts(trained_run, tmp_path):

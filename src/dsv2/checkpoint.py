@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .fileio import atomic_directory, interrupted_swap
 from .model import Transformer, build_model
 from .model.moe import Experts
 from .progress import Progress
@@ -65,6 +66,8 @@ def resolve_model_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if os.path.isdir(path):
         return path
+    if (advice := interrupted_swap(path)) is not None:
+        raise CheckpointError(f"no model directory at {path}: {advice}")
     if os.path.exists(path):
         raise CheckpointError(f"{path} is a file; pass the model directory that holds config.json and *.safetensors")
     if not _HUB_ID.match(path):
@@ -214,9 +217,18 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 def save_model(model: Transformer, directory: str | os.PathLike, max_shard_bytes: int = 5 << 30,
                dtype: torch.dtype | None = None) -> None:
     """Write config.json and safetensors in the published layout (per-expert keys), sharded above
-    max_shard_bytes with a model.safetensors.index.json, so that dsv2 and transformers both load it."""
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    max_shard_bytes with a model.safetensors.index.json, so that dsv2 and transformers both load it.
+
+    The directory is replaced as a whole (written beside it, fsynced, renamed in: fileio.atomic_directory), so a
+    crash leaves the old model or the new one, never a mix; files in it other than weights (tokenizer,
+    generation_config.json, a README) are kept."""
+    with atomic_directory(directory, keep=lambda name: not is_weight_file(name)) as staging:
+        write_model(model, staging, max_shard_bytes, dtype)
+
+
+def write_model(model: Transformer, directory: str, max_shard_bytes: int = 5 << 30,
+                dtype: torch.dtype | None = None) -> None:
+    """save_model's files, written straight into `directory` (an empty staging directory)."""
     tensors = checkpoint_tensors(model)
     itemsize = lambda t: t.element_size() if dtype is None else torch.finfo(dtype).bits // 8
     shards, current, size = [], [], 0
@@ -228,15 +240,12 @@ def save_model(model: Transformer, directory: str | os.PathLike, max_shard_bytes
         current.append(key)
         size += nbytes
     shards.append(current)
-    for stale in os.listdir(directory):  # a previous save with another shard count must not leave orphans
-        if stale.endswith(".safetensors") or stale == INDEX_FILE:
-            os.remove(os.path.join(directory, stale))
     weight_map, total = {}, 0
     for i, keys in enumerate(shards):  # one shard in memory at a time (experts are sliced views until here)
         fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         chunk = {k: tensors[k].detach().to(device="cpu", dtype=dtype).contiguous() for k in keys}
         total += sum(t.numel() * t.element_size() for t in chunk.values())
-        _atomic_save(chunk, os.path.join(directory, fname))
+        save_file(chunk, os.path.join(directory, fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in keys})
         del chunk
     if len(shards) > 1:
@@ -249,7 +258,7 @@ def save_model(model: Transformer, directory: str | os.PathLike, max_shard_bytes
     cfg.save(directory)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], file: str) -> None:
-    tmp = file + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, file)
+def is_weight_file(name: str) -> bool:
+    """Weights and their index, safetensors or pickle: what a new save replaces rather than keeps beside its own."""
+    return (name.endswith((".safetensors", ".safetensors.index.json"))
+            or name.startswith("pytorch_model") and name.endswith((".bin", ".bin.index.json")))

@@ -1,8 +1,10 @@
 """`dsv2 export RUN_DIR OUT_DIR`: a training checkpoint -> a Hugging Face model directory.
 
-OUT_DIR gets config.json, model.safetensors (published per-expert key layout, via `save_model`), the tokenizer
+OUT_DIR gets config.json, model.safetensors (published per-expert key layout, via `write_model`), the tokenizer
 files the data was prepared with, and generation_config.json -- what `dsv2.load_model`, the dsv2 engine and
-`transformers.AutoModelForCausalLM.from_pretrained` all read.
+`transformers.AutoModelForCausalLM.from_pretrained` all read. All of them are written into one staging directory
+that replaces OUT_DIR as a whole (fileio.atomic_directory), so a crash never leaves new weights beside an old
+tokenizer; other files already in OUT_DIR (a README, a model card) are kept.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import shutil
 
 import torch
 
-from ..checkpoint import save_model
+from ..checkpoint import is_weight_file, write_model
 from ..config import ModelConfig
+from ..fileio import atomic_directory
 from ..model import build_model
 from .checkpointing import load_latest
 from .loop import TOKENIZER_FILES
@@ -34,18 +37,18 @@ def export(run_dir: str, out_dir: str, step: int | None = None, dtype: torch.dty
     state, path = loaded
     model = build_model(cfg, init=False)
     model.load_state_dict(state["model"])
-    os.makedirs(out_dir, exist_ok=True)
-    save_model(model, out_dir, dtype=dtype)
     tok_dir = os.path.join(run_dir, "tokenizer")
     copied = []
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(tok_dir, name)):
-            shutil.copyfile(os.path.join(tok_dir, name), os.path.join(out_dir, name))
-            copied.append(name)
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **GENERATION_DEFAULTS}
-    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump(gen, f, indent=2)
-        f.write("\n")
+    with atomic_directory(out_dir, keep=lambda name: not is_weight_file(name)) as staging:
+        write_model(model, staging, dtype=dtype)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tok_dir, name)):
+                shutil.copyfile(os.path.join(tok_dir, name), os.path.join(staging, name))
+                copied.append(name)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **GENERATION_DEFAULTS}
+        with open(os.path.join(staging, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(gen, f, indent=2)
+            f.write("\n")
     size = sum(os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir))
     return {"out_dir": out_dir, "checkpoint": path, "step": state["step"], "params": model.num_params(),
             "dtype": str(dtype or torch.float32).removeprefix("torch."), "tokenizer_files": copied, "bytes": size}
