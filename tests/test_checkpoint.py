@@ -209,3 +209,29 @@ def test_a_save_interrupted_between_its_renames_is_named_and_finished_by_the_nex
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert sorted(os.listdir(tmp_path)) == ["m", "out"]
     assert _roundtrip_equal(dsv2.load_model(out), model)
+
+
+@pytest.mark.parametrize("in_config", [True, False])
+def test_a_block_fp8_checkpoint_is_named_as_such_and_refused(ckpt, in_config):
+    """DeepSeek-V3's layout: a matrix stored as F8_E4M3 in 128x128 blocks, each scaled by `*.weight_scale_inv`."""
+    key = "model.layers.1.self_attn.kv_b_proj.weight"
+
+    def to_fp8(sd):
+        w = sd[key].float()
+        scale = w.abs().amax().reshape(1, 1) / 448  # one block: the matrix is smaller than 128 x 128
+        sd[key] = (w / scale).to(torch.float8_e4m3fn)
+        sd[key.replace(".weight", ".weight_scale_inv")] = scale
+
+    _break(ckpt, to_fp8)
+    if in_config:
+        with open(os.path.join(ckpt, "config.json")) as f:
+            d = json.load(f)
+        d["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                    "weight_block_size": [128, 128]}
+        with open(os.path.join(ckpt, "config.json"), "w") as f:
+            json.dump(d, f)
+    with pytest.raises(CheckpointError) as e:
+        dsv2.load_model(ckpt)
+    msg = str(e.value)
+    assert "block-FP8" in msg and "weight_scale_inv" in msg and "does not load" in msg and "bf16" in msg
+    assert ("128 x 128" in msg) == in_config and "different model" not in msg

@@ -170,6 +170,7 @@ def validate(cfg: ModelConfig, directory: str) -> dict[str, str]:
     """Check names, shapes and dtypes of every tensor against `cfg` without reading weights; key -> file."""
     files = checkpoint_files(directory)
     headers = {f: read_header(f) for f in sorted(set(files.values()))}
+    _refuse_quantized(directory, files, headers)
     expected = expected_keys(cfg)
     missing = [k for k in expected if k not in files]
     if missing:
@@ -189,6 +190,30 @@ def validate(cfg: ModelConfig, directory: str) -> dict[str, str]:
         if info["dtype"] not in _FLOAT_DTYPES:
             raise CheckpointError(f"{file}: {key!r} is stored as {info['dtype']}; expected a floating-point dtype")
     return files
+
+
+def _refuse_quantized(directory: str, files: dict[str, str], headers: dict[str, dict]) -> None:
+    """A block-FP8 checkpoint (DeepSeek-V3's release format) would otherwise fail as 'a different model'."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            quant = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        quant = None
+    quant = quant if isinstance(quant, dict) else None
+    scales = [k for k in files if k.endswith("_scale_inv")]
+    fp8 = [k for k in files if headers[files[k]].get(k, {}).get("dtype") in ("F8_E4M3", "F8_E5M2")]
+    if not scales and not (fp8 and quant):
+        return
+    example = fp8[0] if fp8 else scales[0]
+    block = quant.get("weight_block_size") if quant else None
+    blocks = f" in {block[0]} x {block[1]} blocks" if isinstance(block, list) and len(block) == 2 else ""
+    said = f"; config.json's quantization_config says {quant.get('quant_method')!r}" if quant else ""
+    raise CheckpointError(
+        f"{directory} is a block-FP8 checkpoint (DeepSeek-V3 style): {len(fp8)} weight(s) stored as "
+        f"{headers[files[example]][example]['dtype']}{blocks}, e.g. {example!r} in {os.path.basename(files[example])}, "
+        f"with {len(scales)} per-block scale tensor(s) `*.weight_scale_inv` beside them{said}. dsv2 does not load "
+        "FP8 weights yet. Use the model's bf16 release, or convert these weights to bf16 first (DeepSeek-V3's "
+        "inference/fp8_cast_bf16.py does that) and drop quantization_config from config.json.")
 
 
 # ---- loading and saving ----------------------------------------------------------------------------------
