@@ -7,7 +7,7 @@ import torch
 
 from dsv2.config import ModelConfig
 from dsv2.model import build_model
-from dsv2.model.moe import MoE, RouterOutput
+from dsv2.model.moe import MoE, RouterOutput, TokenDropping
 from dsv2.train.losses import BalanceCoefficients, LoadStats, balance_loss, balance_terms
 from dsv2.train.optim import lr_at, param_groups
 from dsv2.train.presets import PRESETS
@@ -87,18 +87,16 @@ def test_device_limited_routing_stays_in_the_top_groups():
 
 
 def _dropping_layer(capacity=1.0, no_drop=None):
-    moe = _moe_model().model.layers[1].mlp.train()
-    moe.capacity_factor, moe.no_drop = capacity, no_drop
-    return moe
+    return _moe_model().model.layers[1].mlp.train(), TokenDropping(capacity, no_drop)
 
 
 def test_token_dropping_respects_device_capacity_and_drops_lowest_affinity_first():
     torch.manual_seed(0)
     B, S = 4, 64
-    moe = _dropping_layer(1.0)
+    moe, drop = _dropping_layer(1.0)
     x = torch.randn(B, S, 64)
     router_out = {}
-    moe(x, router_out)
+    moe(x, router_out, drop)
     r = router_out[1]
     T, K, D = B * S, 4, 8
     assert r.dropped is not None and r.dropped.any(), "peaked routing at capacity 1.0 should drop something"
@@ -117,28 +115,27 @@ def test_token_dropping_respects_device_capacity_and_drops_lowest_affinity_first
 def test_exempt_sequences_are_never_dropped_and_eval_never_drops():
     torch.manual_seed(1)
     no_drop = torch.tensor([True, False, False, True])
-    moe = _dropping_layer(0.5, no_drop)
+    moe, drop = _dropping_layer(0.5, no_drop)
     x = torch.randn(4, 32, 64)
     router_out = {}
-    y_train = moe(x, router_out)
+    y_train = moe(x, router_out, drop)
     dropped = router_out[1].dropped.view(4, 32, 4)
     assert not dropped[no_drop].any() and dropped[~no_drop].any()
 
-    moe.eval()  # evaluation: same module, capacity still set, nothing dropped
+    moe.eval()  # evaluation: same module, dropping still passed, nothing dropped
     router_out = {}
-    y_eval = moe(x, router_out)
+    y_eval = moe(x, router_out, drop)
     assert router_out[1].dropped is None
-    moe.capacity_factor = None
     torch.testing.assert_close(y_eval, moe(x))
     assert not torch.allclose(y_train, y_eval)
 
 
 def test_dropped_forward_equals_the_reference_with_dropped_weights_zeroed():
     torch.manual_seed(2)
-    moe = _dropping_layer(0.7)
+    moe, drop = _dropping_layer(0.7)
     x = torch.randn(96, 64)
     w, idx, scores = moe.gate(x)
-    keep = moe.capacity_keep(scores, idx, n_seq=1)
+    keep = moe.capacity_keep(scores, idx, n_seq=1, drop=drop)
     with torch.no_grad():
         fast = moe.experts(x, w, idx, keep)
         slow = moe.experts.forward_reference(x, w * keep, idx)

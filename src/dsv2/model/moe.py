@@ -38,9 +38,12 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
+        # model.to(bf16) must not round the router: a cast is undone from the untouched fp32 data (moved to the new
+        # device, if the same call moved it), so the weight comes out bit for bit what it was
+        fp32 = self.weight.data
         super()._apply(fn, recurse)
         if self.weight.dtype != torch.float32:
-            self.weight.data = self.weight.data.float()
+            self.weight.data = fp32.to(self.weight.device)
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,21 +65,22 @@ class Gate(nn.Module):
         return weights, idx, scores
 
 
-class Experts(nn.Module):
-    """E routed experts as stacked weights (gate and up fused: one matmul per expert instead of two)."""
+class ExpertGroup(nn.Module):
+    """E routed experts run grouped by expert: the Python loop runs over the experts that received tokens, never
+    over tokens. Subclasses hold the weights (stacked, prepacked, int8, ...) and say how one expert computes."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, n_experts: int):
         super().__init__()
-        E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.n_experts = E
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # rows [gate I | up I] per expert
-        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.n_experts = n_experts
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU MLP on its tokens x [c, H]."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, H], weights/idx [T, K] -> sum_k weights * expert_idx(x)  [T, H]. Tokens are grouped by expert,
-        so the Python loop runs over the experts that received tokens, never over tokens. keep [T, K] bool
-        (training-time token dropping) skips the False assignments entirely: their compute is what dropping saves."""
+        """x [T, H], weights/idx [T, K] -> sum_k weights * expert_idx(x)  [T, H]. keep [T, K] bool (training-time
+        token dropping) skips the False assignments entirely: their compute is what dropping saves."""
         T, K = idx.shape
         if T == 1 and keep is None:  # one token (single-sequence decode): nothing to group or scatter
             y = torch.zeros(1, x.shape[-1], dtype=torch.float32, device=x.device)
@@ -103,8 +107,17 @@ class Experts(nn.Module):
         ys = torch.cat(ys).float() * weights.flatten()[order].unsqueeze(-1)  # combine in fp32
         return torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, ys).to(x.dtype)
 
+
+class Experts(ExpertGroup):
+    """The trainable form: stacked weights, gate and up fused (one matmul per expert instead of two)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.n_routed_experts)
+        E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # rows [gate I | up I] per expert
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e's SwiGLU MLP on its tokens x [c, H]."""
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
@@ -119,6 +132,14 @@ class Experts(nn.Module):
         return out.to(x.dtype)
 
 
+@dataclass
+class TokenDropping:
+    """Device-level token dropping for one training batch (paper section 2.2.4), passed down by the trainer.
+    Never used in eval mode, so inference is untouched."""
+    capacity_factor: float  # each unit processes at most ceil(factor * T*K / D) assignments (1.0 = the average)
+    no_drop: torch.Tensor | None = None  # [B] bool: sequences whose assignments are never dropped
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -127,26 +148,23 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         n_shared = cfg.n_shared_experts or 0
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
-        # Token dropping (paper section 2.2.4) is a training-time option the trainer switches on; it is never
-        # applied in eval mode, so inference is untouched. capacity_factor None = no dropping.
-        self.capacity_factor: float | None = None
-        self.no_drop: torch.Tensor | None = None  # [B] bool, set per batch: sequences never dropped
-        self.n_units = cfg.num_groups if cfg.num_groups > 1 else cfg.n_routed_experts
+        self.n_units = cfg.num_groups if cfg.num_groups > 1 else cfg.n_routed_experts  # capacity units ("devices")
 
-    def capacity_keep(self, scores: torch.Tensor, idx: torch.Tensor, n_seq: int) -> torch.Tensor:
+    def capacity_keep(self, scores: torch.Tensor, idx: torch.Tensor, n_seq: int, drop: TokenDropping) -> torch.Tensor:
         """Device-level capacity (paper 2.2.4): each of the D units processes at most
         ceil(capacity_factor * T*K / D) token-expert assignments -- factor 1.0 is the average load. Above that,
-        the lowest-affinity assignments are dropped, except those of the sequences marked in `no_drop`, which
+        the lowest-affinity assignments are dropped, except those of the sequences marked in `drop.no_drop`, which
         rank first and are always kept. scores [T, E], idx [T, K] -> keep [T, K] bool."""
         T, K = idx.shape
         E, D = scores.shape[-1], self.n_units
         unit = (idx // (E // D)).flatten()  # [T*K] which unit (device) serves each assignment
         priority = scores.gather(1, idx).flatten()  # [T*K] affinity s_{i,t}, in [0, 1]
         protected = torch.zeros_like(unit, dtype=torch.bool)
-        if self.no_drop is not None:
-            if self.no_drop.numel() != n_seq:
-                raise ValueError(f"MoE.no_drop marks {self.no_drop.numel()} sequences but the batch has {n_seq}")
-            protected = self.no_drop.to(unit.device).repeat_interleave(T // n_seq * K)  # tokens are row-major
+        if drop.no_drop is not None:
+            if drop.no_drop.numel() != n_seq:
+                raise ValueError(f"TokenDropping.no_drop marks {drop.no_drop.numel()} sequences but the batch has "
+                                 f"{n_seq}")
+            protected = drop.no_drop.to(unit.device).repeat_interleave(T // n_seq * K)  # tokens are row-major
             priority = priority.masked_fill(protected, 2.0)  # above any softmax score
         # rank every assignment within its unit by descending priority (ties keep token order)
         order = priority.argsort(descending=True, stable=True)
@@ -155,18 +173,20 @@ class MoE(nn.Module):
         first = counts.cumsum(0) - counts  # where each unit's run starts in `order`
         rank = torch.empty_like(unit)
         rank[order] = torch.arange(unit.numel(), device=unit.device) - first[unit[order]]
-        capacity = math.ceil(self.capacity_factor * T * K / D)
+        capacity = math.ceil(drop.capacity_factor * T * K / D)
         return ((rank < capacity) | protected).view(T, K)
 
-    def forward(self, x: torch.Tensor, router_out: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_out: dict | None = None,
+                drop: TokenDropping | None = None) -> torch.Tensor:
         """x [..., H]. When `router_out` is a dict, the router's output is stored under this layer's index
-        (a dict, not a list, so activation-checkpoint recomputation overwrites instead of appending)."""
+        (a dict, not a list, so activation-checkpoint recomputation overwrites instead of appending). `drop`
+        switches on token dropping, in training mode only."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
         weights, idx, scores = self.gate(x)
         keep = None
-        if self.training and self.capacity_factor is not None:
-            keep = self.capacity_keep(scores, idx, shape[0] if len(shape) == 3 else 1)
+        if self.training and drop is not None:
+            keep = self.capacity_keep(scores, idx, shape[0] if len(shape) == 3 else 1, drop)
         y = self.experts(x, weights, idx, keep)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

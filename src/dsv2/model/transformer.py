@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .layers import MLP, RMSNorm
 from .mla import MLA, PagedAttention
-from .moe import Experts, Gate, MoE
+from .moe import Experts, Gate, MoE, TokenDropping
 from .rope import rope_freqs
 
 
@@ -27,10 +27,11 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, freqs, attn: PagedAttention | None = None, router_out: dict | None = None):
+    def forward(self, x, freqs, attn: PagedAttention | None = None, router_out: dict | None = None,
+                drop: TokenDropping | None = None):
         x = x + self.self_attn(self.input_layernorm(x), freqs, attn)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, router_out) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x + (self.mlp(h, router_out, drop) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Transformer(nn.Module):
@@ -52,19 +53,23 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn: PagedAttention | None = None, logits_indices: torch.Tensor | None = None,
-                router_out: dict | None = None) -> torch.Tensor:
+                router_out: dict | None = None, drop: TokenDropping | None = None) -> torch.Tensor:
         """Plain causal forward: input_ids [B, T] -> fp32 logits [B, T, V].
         Engine step: input_ids [N], positions [N], attn -> logits [len(logits_indices), V] (rows of the flat batch
-        that need a next-token distribution; all rows when logits_indices is None)."""
+        that need a next-token distribution; all rows when logits_indices is None).
+        Training: router_out collects each MoE layer's routing; drop switches on token dropping."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-        freqs = rope_freqs(self.config, positions)  # [T or N, Dr/2] complex64, shared by every layer
+        lengths = None
+        if attn is not None and self.config.rope_type == "dynamic":  # NTK base from each token's own sequence
+            lengths = attn.token_context_lengths(positions.device)
+        freqs = rope_freqs(self.config, positions, lengths)  # [T or N, Dr/2] complex64, shared by every layer
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, freqs, attn, router_out, use_reentrant=False)
+                x = checkpoint(layer, x, freqs, attn, router_out, drop, use_reentrant=False)
             else:
-                x = layer(x, freqs, attn, router_out)
+                x = layer(x, freqs, attn, router_out, drop)
         if logits_indices is not None:
             x = x.flatten(0, -2).index_select(0, logits_indices)  # only rows that are sampled or scored
         return self.lm_head(self.model.norm(x)).float()

@@ -24,7 +24,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model import build_model
-from ..model.moe import MoE
+from ..model.moe import MoE, TokenDropping
 from ..progress import Progress
 from .checkpointing import (append_metrics, load_latest, rng_state, save_checkpoint, set_rng_state,
                             truncate_metrics)
@@ -130,8 +130,6 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
     model.gradient_checkpointing = tc.grad_checkpointing
     model.train()
     moes = [m for m in model.modules() if isinstance(m, MoE)]
-    for m in moes:
-        m.capacity_factor = tc.capacity_factor
     opt = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, tc.decay_embeddings,
                           tc.decay_router)
     coef = BalanceCoefficients(cfg.aux_loss_alpha if tc.aux_expert is None else tc.aux_expert,
@@ -239,15 +237,15 @@ def train_step(model, opt, moes, batches, tc: TrainConfig, coef, cfg, step: int,
     for micro in range(tc.grad_accum):
         x, y = batches.get((step * tc.grad_accum + micro) * tc.batch_size, tc.batch_size)
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)  # [B, T]
+        drop = None
         if tc.capacity_factor is not None and moes:
             # ~no_drop_fraction of sequences are never dropped (paper 2.2.4); drawn from (seed, step, micro)
             rng = np.random.default_rng([tc.seed, step, micro, 1])
-            keep = torch.from_numpy(rng.random(tc.batch_size) < tc.no_drop_fraction).to(device)
-            for m in moes:
-                m.no_drop = keep
+            exempt = torch.from_numpy(rng.random(tc.batch_size) < tc.no_drop_fraction).to(device)
+            drop = TokenDropping(tc.capacity_factor, exempt)
         router_out = {} if moes else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-            logits = model(x, router_out=router_out)  # [B, T, V] fp32
+            logits = model(x, router_out=router_out, drop=drop)  # [B, T, V] fp32
         ce = cross_entropy(logits, y)
         loss = ce
         if moes:
