@@ -147,9 +147,10 @@ class ModelConfig:
 
     @property
     def mscale(self) -> float:
-        """YaRN's attention temperature m: the softmax scale is d_q^-0.5 * m^2 (MODEL_SPEC section 2)."""
+        """YaRN's attention temperature m: the softmax scale is d_q^-0.5 * m^2 (MODEL_SPEC section 2). Applied
+        whenever rope_scaling carries a non-zero mscale_all_dim, whatever its type, as the reference does."""
         rs = self.rope_scaling
-        if rs is None or rs["type"] != "yarn" or not rs.get("mscale_all_dim"):
+        if rs is None or not rs.get("mscale_all_dim") or not rs.get("factor"):
             return 1.0
         return yarn_get_mscale(rs["factor"], rs["mscale_all_dim"])
 

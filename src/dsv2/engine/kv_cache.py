@@ -20,6 +20,7 @@ from array import array
 
 import torch
 
+from ..config import ModelConfig
 from .sequence import Sequence
 
 
@@ -36,19 +37,37 @@ def num_blocks_for_memory(memory_bytes: int, num_layers: int, block_size: int, l
     return max(0, int(memory_bytes) // bytes_per_block)
 
 
-def default_kv_cache_memory(device: torch.device | str) -> int:
-    """Bytes to give the latent cache when the user does not say.
+def chunk_activation_bytes(cfg: ModelConfig, tokens: int, context: int, dtype: torch.dtype) -> int:
+    """A generous estimate of the memory one engine step's activations take: a prefill chunk of `tokens` tokens
+    attending to `context` positions (decompressed keys and values are per position, so they grow with the
+    context), every intermediate at once, fp32 where the model upcasts, and logits for every row (prompt
+    logprobs). Twice that, for the temporaries the estimate does not name."""
+    b = torch.tensor([], dtype=dtype).element_size()
+    H, n, Dq, Dv = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
+    per_token = (8 * H + 3 * n * max(Dq, Dv) + (cfg.q_lora_rank or 0) + cfg.latent_dim) * 4
+    if cfg.n_routed_experts:
+        K, I = cfg.num_experts_per_tok, cfg.moe_intermediate_size
+        per_token += (K * (3 * I + 2 * H) + 3 * I * (cfg.n_shared_experts or 0) + cfg.n_routed_experts) * 4
+    per_token += 3 * cfg.intermediate_size * 4 + cfg.vocab_size * 4
+    per_position = n * (cfg.qk_nope_head_dim + Dv + 2 * max(Dq, Dv)) * b + cfg.latent_dim * 4
+    return 2 * (tokens * per_token + context * per_position)
 
-    CUDA: 90% of the memory still free once the model is loaded; the other 10% is headroom for the step's
-    activations (one step of max_num_batched_tokens) and the allocator's fragmentation. CPU: a quarter of the
-    available RAM, at most 8 GiB -- the cache is allocated up front and zeroed, so taking most of the machine
-    would push everything else into swap, and 8 GiB already holds ~275k tokens of V2-Lite (27 layers, bf16).
+
+def default_kv_cache_memory(device: torch.device | str, activation_bytes: int = 0,
+                            gpu_memory_utilization: float | None = None) -> int:
+    """Bytes to give the latent cache when the user does not say, once the model is loaded and `activation_bytes`
+    (one step's peak activations: measured by a profile forward on CUDA, estimated on CPU) are set aside.
+
+    CUDA: 90% (or gpu_memory_utilization) of the memory still free, minus the activations; the rest is headroom
+    for the allocator's fragmentation. CPU: a quarter of the available RAM after the activations, at most 8 GiB --
+    the cache is allocated up front and zeroed, so taking most of the machine would push everything else into swap,
+    and 8 GiB already holds ~275k tokens of V2-Lite (27 layers, bf16).
     """
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free * 0.9)
-    return min(_available_ram() // 4, 8 << 30)
+        return int(free * (gpu_memory_utilization or 0.9)) - activation_bytes
+    return min((_available_ram() - activation_bytes) // 4, 8 << 30)
 
 
 def _available_ram() -> int:

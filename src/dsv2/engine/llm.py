@@ -9,45 +9,115 @@ Lower level (the server's engine loop): add_request() from any thread, step() in
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import load_model, resolve_model_path
-from ..model.packed import can_pack, pack_for_cpu_inference
-from ..model.quant import QUANTIZATIONS, quantize_int8
+from ..capability import InferencePlan, inference_plan
+from ..checkpoint import resolve_model_path
+from ..config import ModelConfig
 from ..progress import Progress
 from ..tokenizer import Tokenizer
 from ..units import parse_bytes
-from .kv_cache import BlockAllocator, default_kv_cache_memory, num_blocks_for_memory
-from .outputs import Logprob, RequestOutput
+from .kv_cache import BlockAllocator, chunk_activation_bytes, default_kv_cache_memory, num_blocks_for_memory
+from .outputs import PositionLogprobs, RequestOutput, position_logprobs
+from .prepare import load_for_inference
 from .request import Completion, Request
-from .runner import ModelRunner
+from .runner import ModelRunner, measure_activation_bytes
 from .sampler import Sampler, TokenLogprobs, make_generator, prompt_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
 
-_DTYPES = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-           "half": torch.float16, "fp16": torch.float16, "float32": torch.float32, "float": torch.float32,
-           "fp32": torch.float32}
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's own settings (what the model runs on is an InferencePlan)."""
+    max_num_seqs: int = 256
+    max_model_len: int | None = None  # None: the model's, capped by what the cache holds
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory: int | None = None  # bytes; None: sized from free memory after a profile of one step
+    gpu_memory_utilization: float | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len}: must be at least 2 (a prompt token and an answer)")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    bytes: int
+    activation_bytes: int  # what was set aside for one step's activations before sizing
+
+
+def size_kv_cache(cfg: ModelConfig, plan: InferencePlan, engine: EngineConfig,
+                  measured_activations: int | None = None) -> CacheLayout:
+    """How many cache blocks to allocate and the longest sequence they allow. The activations of the largest step
+    (measured by a profile forward where possible, else estimated) are set aside before free memory is shared out."""
+    bytes_per_token = cfg.num_hidden_layers * cfg.latent_dim * torch.tensor([], dtype=plan.cache_dtype).element_size()
+    bs = engine.block_size
+    max_len = engine.max_model_len or cfg.max_position_embeddings
+    chunk = min(engine.max_num_batched_tokens, max_len)
+    estimate = chunk_activation_bytes(cfg, chunk, max_len, plan.compute_dtype)
+    activations = estimate if measured_activations is None else \
+        measured_activations + chunk_activation_bytes(cfg, 0, max(0, max_len - chunk), plan.compute_dtype)
+    if engine.kv_cache_memory is None:
+        mem = default_kv_cache_memory(plan.device, activations, engine.gpu_memory_utilization)
+        if mem <= 0:
+            raise ValueError(f"no memory is left for the latent cache once the model and one step's activations "
+                             f"({activations / 2**20:,.0f} MiB for {chunk} tokens) are in place; lower "
+                             "max_num_batched_tokens or max_model_len, or use a smaller dtype or quantization")
+        mem = min(mem, bytes_per_token * engine.max_num_seqs * (max_len + bs))
+    else:
+        mem = engine.kv_cache_memory
+    num_blocks = num_blocks_for_memory(mem, cfg.num_hidden_layers, bs, cfg.latent_dim, plan.cache_dtype)
+    capacity = num_blocks * bs
+    if capacity < bs * 2:
+        raise ValueError(f"kv_cache_memory={mem} bytes holds only {capacity} tokens "
+                         f"({bytes_per_token} bytes per token); give the cache more memory")
+    if engine.max_model_len is None:
+        max_model_len = min(cfg.max_position_embeddings, capacity)
+    elif engine.max_model_len > capacity:
+        raise ValueError(f"max_model_len={engine.max_model_len} needs {engine.max_model_len * bytes_per_token:,} bytes "
+                         f"of latent cache but kv_cache_memory holds {capacity} tokens; raise kv_cache_memory or "
+                         "lower max_model_len")
+    else:
+        max_model_len = engine.max_model_len
+    return CacheLayout(num_blocks, bs, max_model_len, num_blocks * bs * bytes_per_token, activations)
 
 
 class LLM:
     """A DeepSeek-V2 model behind a continuous-batching engine on the paged latent cache.
 
     path (or vLLM's `model`): a Hugging Face directory or repo id; None = the small model shipped with dsv2.
-    dtype: "auto"/"bfloat16" (default on CPU and CUDA), "float16", "float32". device: "cuda" when present, else "cpu".
-    kv_cache_memory: bytes (or "4GiB") for the latent cache; default 90% of free GPU memory, or on CPU a quarter of
-    the available RAM (at most 8 GiB), and never more than max_num_seqs full-length sequences need.
+    dtype: "auto" (default) picks by device and CPU: bf16 weights everywhere, computed in bf16 on CUDA and on CPUs
+    with fast bf16 matrix products, in fp32 on the others (AVX2, most ARM) -- `dsv2 info --system` shows the choice.
+    "bfloat16", "float16", "float32" mean weights and compute in that dtype. device: "cuda" when present, else "cpu".
+    kv_cache_memory: bytes (or "4GiB") for the latent cache; default: after setting one step's activations aside,
+    90% of free GPU memory, or on CPU a quarter of the available RAM (at most 8 GiB), and never more than
+    max_num_seqs full-length sequences need.
     vLLM arguments accepted for compatibility: tensor_parallel_size (1 only, for now), trust_remote_code (ignored:
     dsv2 never runs code from a model directory), enforce_eager (dsv2 always runs eagerly), gpu_memory_utilization
     (a fraction of free GPU memory for the cache), swap_space, tokenizer (a directory), seed.
-    cpu_weight_packing: reorder bf16 weights into oneDNN's blocked layout (default on for bf16 on CPU; identical
-    results, ~1.7x faster matrix-vector products).
+    cpu_weight_packing: reorder bf16 weights into oneDNN's blocked layout (default: wherever oneDNN's bf16 path
+    works on this CPU; ~1.7x faster matrix-vector products, results equal to bf16 rounding).
     quantization: None (weights in `dtype`) or "int8": weight-only int8 with a scale per output row (model/quant.py);
     half the weight memory, faster single-sequence decode on CPU, logits within int8 rounding of the original.
     """
@@ -68,76 +138,66 @@ class LLM:
         if path is not None and model is not None and path != model:
             raise ValueError("pass the model once: LLM(path) or LLM(model=path)")
         path = path or model
-        if quantization is not None and quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization={quantization!r} is not supported; use one of {list(QUANTIZATIONS)} "
-                             "(weight-only, per output row) or None")
         if path is None:
             from ..assets import default_model_path
             path = default_model_path()
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        plan = inference_plan(device, dtype, quantization, cpu_weight_packing)
+        engine = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                              max_num_batched_tokens=max(max_num_batched_tokens, block_size),
+                              kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
+                              gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
+                              enable_prefix_caching=enable_prefix_caching, seed=seed)
         directory = resolve_model_path(path)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ValueError(f"dtype {dtype!r}: use one of {sorted(_DTYPES)}")
-            dtype = _DTYPES[dtype]
-        self.dtype = dtype
-        self.model = load_model(directory, dtype=dtype, device=self.device)
-        self.quantization = quantization
-        if quantization == "int8":
-            quantize_int8(self.model)
-        else:
-            if cpu_weight_packing is None:
-                cpu_weight_packing = can_pack(dtype, self.device)
-            if cpu_weight_packing:  # bf16 on CPU: oneDNN-blocked weights, same results, faster decode
-                pack_for_cpu_inference(self.model)
-        self.config = cfg = self.model.config
+        self.plan = plan
+        self.model = load_for_inference(directory, plan)
         tok_dir = tokenizer or directory
         self.tokenizer = (Tokenizer.from_pretrained(tok_dir)
                           if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")) else None)
         self.generation_defaults = _generation_config(directory)
+        self._assemble(engine)
 
-        # size the latent cache
-        bytes_per_token = cfg.num_hidden_layers * cfg.latent_dim * torch.empty(0, dtype=dtype).element_size()
-        max_len = max_model_len or cfg.max_position_embeddings
-        if kv_cache_memory is None:
-            mem = default_kv_cache_memory(self.device)
-            if gpu_memory_utilization is not None and self.device.type == "cuda":
-                mem = int(torch.cuda.mem_get_info(self.device)[0] * gpu_memory_utilization)
-            mem = min(mem, bytes_per_token * max_num_seqs * (max_len + block_size))
-        else:
-            mem = parse_bytes(kv_cache_memory)
-        num_blocks = num_blocks_for_memory(mem, cfg.num_hidden_layers, block_size, cfg.latent_dim, dtype)
-        capacity = num_blocks * block_size
-        if capacity < block_size * 2:
-            raise ValueError(f"kv_cache_memory={mem} bytes holds only {capacity} tokens "
-                             f"({bytes_per_token} bytes per token); give the cache more memory")
-        if max_model_len is None:
-            max_model_len = min(cfg.max_position_embeddings, capacity)
-        elif max_model_len > capacity:
-            raise ValueError(f"max_model_len={max_model_len} needs {max_model_len * bytes_per_token:,} bytes of latent "
-                             f"cache but kv_cache_memory holds {capacity} tokens; raise kv_cache_memory or lower "
-                             "max_model_len")
-        self.max_model_len = max_model_len
-        self.block_size, self.num_blocks = block_size, num_blocks
-        self.cache_capacity_tokens = capacity
-        self.kv_cache_bytes = num_blocks * block_size * bytes_per_token
-
-        self.runner = ModelRunner(self.model, num_blocks, block_size)
-        self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs,
-                                                   max_num_batched_tokens=max(max_num_batched_tokens, block_size),
-                                                   max_model_len=max_model_len), self.allocator)
+    def _assemble(self, engine: EngineConfig) -> None:
+        """The engine around the prepared model: cache sized after a profile of one step, runner, allocator,
+        scheduler, sampler."""
+        cfg = self.config = self.model.config
+        chunk = min(engine.max_num_batched_tokens, engine.max_model_len or cfg.max_position_embeddings)
+        layout = size_kv_cache(cfg, self.plan, engine, measure_activation_bytes(self.model, chunk))
+        self.engine_config, self.cache_layout = engine, layout
+        self.max_model_len = layout.max_model_len
+        self.block_size, self.num_blocks = layout.block_size, layout.num_blocks
+        self.cache_capacity_tokens = layout.num_blocks * layout.block_size
+        self.kv_cache_bytes = layout.bytes
+        self.runner = ModelRunner(self.model, layout.num_blocks, layout.block_size, self.plan.cache_dtype)
+        self.allocator = BlockAllocator(layout.num_blocks, layout.block_size,
+                                        enable_prefix_caching=engine.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=engine.max_num_seqs,
+                                                   max_num_batched_tokens=engine.max_num_batched_tokens,
+                                                   max_model_len=layout.max_model_len), self.allocator)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
-        self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=seed)
+        self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=engine.seed)
         self._requests: dict[str, Request] = {}
         self._pending: list[Request] = []
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "preemptions": 0}
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.plan.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in (compute may be wider: see plan.compute_dtype)."""
+        return self.plan.weight_dtype
+
+    @property
+    def quantization(self) -> str | None:
+        return self.plan.quantization
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
@@ -276,8 +336,8 @@ class LLM:
         elif not p.ignore_eos and token in self.eos_token_ids:
             reason = "stop"
         else:
-            hit = comp.add_text(token)
-            if hit is not None and seq.num_output_tokens >= p.min_tokens:
+            hit = comp.add_text(token, match_stop=seq.num_output_tokens >= p.min_tokens)
+            if hit is not None:
                 reason, stop = "stop", hit
             elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
@@ -287,16 +347,9 @@ class LLM:
             if not isinstance(stop, str):
                 comp.finish_text()
 
-    # ---- logprob formatting ----------------------------------------------------------------------------------
-    def _decode_token(self, token_id: int) -> str | None:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
-
-    def _position_logprobs(self, lp: TokenLogprobs) -> dict[int, Logprob]:
-        """One position -> {token_id: Logprob}: the chosen token first, then the top-N alternatives."""
-        out = {lp.token_id: Logprob(lp.logprob, lp.rank, self._decode_token(lp.token_id))}
-        for rank, (tid, val) in enumerate(lp.top, start=1):
-            out.setdefault(tid, Logprob(val, rank, self._decode_token(tid)))
-        return out
+    def _position_logprobs(self, lp: TokenLogprobs) -> PositionLogprobs:
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        return position_logprobs(lp.token_id, lp.logprob, lp.rank, lp.top, decode)
 
     # ---- convenience -----------------------------------------------------------------------------------------
     def generate(self, prompts=None, sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -369,12 +422,10 @@ def _as_token_ids(ids) -> list[int]:
 
 
 def _replace(params: SamplingParams, **changes) -> SamplingParams:
-    import dataclasses
     return dataclasses.replace(params, **changes)
 
 
 def _generation_config(directory: str) -> dict:
-    import json
     path = os.path.join(directory, "generation_config.json")
     if not os.path.isfile(path):
         return {}

@@ -55,3 +55,14 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+
+def position_logprobs(token_id: int, logprob: float, rank: int, top: list[tuple[int, float]],
+                      decode=None) -> PositionLogprobs:
+    """One position -> {token_id: Logprob}: the chosen token first, then the top-N alternatives (rank 1, 2, ...).
+    decode(token_id) -> str fills decoded_token when a tokenizer is at hand."""
+    text = (lambda t: decode([t])) if decode is not None else (lambda t: None)
+    out = {token_id: Logprob(logprob, rank, text(token_id))}
+    for r, (tid, val) in enumerate(top, start=1):
+        out.setdefault(tid, Logprob(val, r, text(tid)))
+    return out

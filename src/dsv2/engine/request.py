@@ -25,17 +25,18 @@ class Completion:
         self.cumulative_logprob = 0.0 if p.logprobs is not None else None
         self.max_stop = max((len(s) for s in p.stop), default=0)
 
-    def add_text(self, token_id: int) -> str | None:
-        """Detokenize one new token; returns the stop string if one now appears in the text."""
+    def add_text(self, token_id: int, match_stop: bool = True) -> str | None:
+        """Detokenize one new token; returns the stop string if one now ends in the new text (then the text is cut
+        there). match_stop=False (before min_tokens, as vLLM) only appends: a stop string that lies entirely in
+        text produced before min_tokens never ends a sequence later; one that ends in later text does."""
         if self.detok is None:
             return None
-        delta = self.detok.add(token_id)
-        if not delta or not self.seq.params.stop:
-            self.text += delta
+        old = len(self.text)
+        self.text += self.detok.add(token_id)
+        if not match_stop or len(self.text) == old or not self.seq.params.stop:
             return None
-        search_from = max(0, len(self.text) - self.max_stop + 1)
-        self.text += delta
-        hits = [(i, s) for s in self.seq.params.stop if (i := self.text.find(s, search_from)) >= 0]
+        # occurrences that end in the new text: start at or after old - len(s) + 1
+        hits = [(i, s) for s in self.seq.params.stop if (i := self.text.find(s, max(0, old - len(s) + 1))) >= 0]
         if not hits:
             return None
         i, s = min(hits)

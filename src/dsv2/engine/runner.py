@@ -25,15 +25,31 @@ class StepLogits:
     prompt: dict[int, torch.Tensor]  # seq_id -> [n, V] logits at every position of the chunk (prompt_logprobs)
 
 
+def measure_activation_bytes(model: Transformer, num_tokens: int) -> int | None:
+    """Peak memory one forward of num_tokens tokens takes beyond the weights, measured on CUDA by running it (the
+    profile run that sizes the latent cache from what is left); None on devices that cannot measure it."""
+    device = model.model.embed_tokens.weight.device
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        model(torch.zeros(1, num_tokens, dtype=torch.long, device=device))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, cache_dtype: torch.dtype):
         self.model = model
         self.config = model.config
         self.device = model.model.embed_tokens.weight.device
-        self.dtype = model.model.embed_tokens.weight.dtype
         self.block_size = block_size
         self.kv_caches = allocate_kv_cache(self.config.num_hidden_layers, num_blocks, block_size,
-                                           self.config.latent_dim, self.dtype, self.device)
+                                           self.config.latent_dim, cache_dtype, self.device)
         self._offsets = torch.arange(block_size)
 
     def _context_slots(self, block_table: list[int], length: int) -> torch.Tensor:

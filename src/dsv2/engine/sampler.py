@@ -193,7 +193,5 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor | list[int], top_n
 
 
 def _padded(lists: list[list[int]], pad: int, device) -> torch.Tensor:
-    out = torch.full((len(lists), max(1, max(map(len, lists)))), pad, dtype=torch.long)  # [R, L]
-    for r, ids in enumerate(lists):
-        out[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out.to(device)
+    L = max(1, max(map(len, lists)))
+    return torch.tensor([ids + [pad] * (L - len(ids)) for ids in lists], dtype=torch.long, device=device)  # [R, L]

@@ -49,36 +49,50 @@ class PagedAttention:
     num_decode: int
     decode_groups: list[DecodeGroup] = field(default_factory=list)
 
+    def token_context_lengths(self, device=None) -> torch.Tensor:
+        """[N]: the context length of the sequence each flat token belongs to (cached prefix + this step)."""
+        lengths = torch.tensor([len(s) for s in self.seq_slots])
+        counts = torch.tensor([b - a for a, b in self.query_ranges])
+        return lengths.repeat_interleave(counts).to(device)
+
 
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    """fused_input=True builds the inference layout (see model/inference.py): one `input_proj` holding
+    [q_proj or q_a_proj | kv_a_proj_with_mqa] (one matmul instead of two), and W_UK / W_UV^T as contiguous buffers
+    for absorbed decode. The default is the checkpoint's layout, which training and loading use."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, fused_input: bool = False):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.config, self.layer_idx = cfg, layer_idx
         self.n_heads = n = cfg.num_attention_heads
         self.nope, self.rope, self.v_dim, self.rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         self.q_lora_rank = cfg.q_lora_rank
         self.softmax_scale = cfg.softmax_scale  # d_q^-0.5 * mscale^2, never latent_dim^-0.5
         H, Dq, bias = cfg.hidden_size, cfg.qk_head_dim, cfg.attention_bias
-        if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(H, n * Dq, bias=False)
+        q_out = n * Dq if cfg.q_lora_rank is None else cfg.q_lora_rank
+        self.input_split = (q_out, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.fused_input = fused_input
+        if fused_input:
+            self.input_proj = nn.Linear(H, sum(self.input_split), bias=bias)
+            self.register_buffer("w_uk", torch.empty(n, cfg.qk_nope_head_dim, cfg.kv_lora_rank))  # [n, Dn, R]
+            self.register_buffer("w_uv_t", torch.empty(n, cfg.kv_lora_rank, cfg.v_head_dim))  # [n, R, Dv]
+        elif cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, q_out, bias=False)
         else:
-            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=bias)
+            self.q_a_proj = nn.Linear(H, q_out, bias=bias)
+        if cfg.q_lora_rank is not None:
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, n * Dq, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        if not fused_input:
+            self.kv_a_proj_with_mqa = nn.Linear(H, self.input_split[1], bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n * cfg.v_head_dim, H, bias=bias)
-        # set by model/packed.py for inference: absorbed_weights() laid out contiguously, the two input projections
-        # fused into one matrix
-        self.absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.fused_input_proj: nn.Module | None = None
-        self.fused_input_split: tuple[int, int] | None = None
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, attn: PagedAttention | None = None) -> torch.Tensor:
         """x [B, T, H] (plain causal forward) or [N, H] with `attn` (engine step); freqs [T, Dr/2] or [N, Dr/2]."""
-        if self.fused_input_proj is not None:  # inference: [q_proj or q_a_proj | kv_a_proj] as one matmul
-            q, ckv = self.fused_input_proj(x).split(self.fused_input_split, dim=-1)
+        if self.fused_input:
+            q, ckv = self.input_proj(x).split(self.input_split, dim=-1)
         else:
             q = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
             ckv = self.kv_a_proj_with_mqa(x)
@@ -116,10 +130,10 @@ class MLA(nn.Module):
         return out[..., :self.v_dim].transpose(-3, -2)  # [B, T, n, Dv]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [n, Dn, R] and W_UV^T [n, R, Dv], the per-head slices of kv_b_proj (precomputed contiguous copies
-        once the model is prepared for inference, see model/packed.py)."""
-        if self.absorbed is not None:
-            return self.absorbed
+        """W_UK [n, Dn, R] and W_UV^T [n, R, Dv], the per-head slices of kv_b_proj (contiguous buffers in the
+        inference layout, see model/inference.py)."""
+        if self.fused_input:
+            return self.w_uk, self.w_uv_t
         w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))  # [n, Dn + Dv, R]
         return w[:, :self.nope], w[:, self.nope:].transpose(1, 2)
 
@@ -135,15 +149,20 @@ class MLA(nn.Module):
         return torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [n, D, R] @ [n, R, Dv]
 
     def attend_latent(self, q_abs: torch.Tensor, latent: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Single-position queries [..., n, R + Dr] against their contexts' latents [..., L, R + Dr] -> [..., n, R].
-        pad [..., L] marks context positions to ignore."""
-        # latent @ q^T keeps the big operand in its stored layout (q_abs @ latent^T makes oneDNN copy the latent)
-        scores = (latent @ q_abs.transpose(-1, -2)).transpose(-1, -2).float().mul_(self.softmax_scale)  # [..., n, L]
+        """Single-position queries [..., n, R + Dr] against their contexts' latents [..., L, R + Dr] -> [..., n, R]
+        in q_abs's dtype. pad [..., L] marks context positions to ignore.
+
+        Scores, softmax and the weighted sum run in fp32 whatever the cache dtype: rounding 576-wide dot products to
+        bf16 before the softmax costs ~3 significant bits per score, which prefill's SDPA (fp32 scores) never
+        loses, so decode and prefill would disagree more and more with context length."""
+        latent = latent.float()  # one conversion pass over the gathered context; both products read it
+        # latent @ q^T keeps the big operand in its stored layout (q_abs @ latent^T makes a copy of the latent)
+        scores = (latent @ q_abs.float().transpose(-1, -2)).transpose(-1, -2).mul_(self.softmax_scale)  # [..., n, L]
         if pad is not None:
             scores.masked_fill_(pad.unsqueeze(-2), float("-inf"))
-        p = scores.softmax(dim=-1).to(latent.dtype)
-        return (p @ latent)[..., :self.rank]  # value = the first R columns of the key; slicing after, not before,
-        # avoids copying the latent into a contiguous [L, R] block
+        p = scores.softmax(dim=-1)
+        return (p @ latent)[..., :self.rank].to(q_abs.dtype)  # value = the first R columns of the key; slicing
+        # after, not before, avoids copying the latent into a contiguous [L, R] block
 
     # ---- engine step over the paged latent cache ---------------------------------------------------------
     def _attend_paged(self, q_nope, q_pe, c_kv, k_pe, attn: PagedAttention) -> torch.Tensor:

@@ -7,9 +7,10 @@ Kept as they are: the embedding (a lookup), the norms, the fp32 router, and kv_b
 decompress the latent cache and decode folds into the query (W_UK) and output (W_UV).
 
 A few rows at a time (decode) go through torch's int8 GEMV kernel, which dequantizes on the fly
-(aten._weight_int8pack_mm, CPU); more rows (prefill, large decode batches) dequantize the matrix to the activation
-dtype and run an ordinary matmul, where the weight read is amortized over the rows. `int8_linear_reference` is the
-slow twin the tests compare both paths against.
+(aten._weight_int8pack_mm, CPU, bf16 activations), where dsv2.capability found it giving right answers; more rows
+(prefill, large decode batches) dequantize the matrix to the compute dtype and run an ordinary matmul, where the
+weight read is amortized over the rows. `int8_linear_reference` is the slow twin the tests compare both paths
+against. model/inference.py swaps these modules in (`quantize_int8`).
 """
 from __future__ import annotations
 
@@ -17,15 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capability import GEMV_ROWS
 from .layers import MLP
-from .moe import Experts
-from .packed import prepare_attention, swap_matrices
+from .moe import ExpertGroup, Experts
 
-GEMV_ROWS = 16  # up to this many rows use the int8 kernel, beyond that dequantize + matmul wins (2 EPYC cores)
-QUANTIZATIONS = ("int8",)
+KERNEL_DTYPE = torch.bfloat16  # torch's int8 GEMV kernel is fast with bf16 activations, many times slower in fp32
 
 
-def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., N, K] -> (int8 [..., N, K], scale [..., N]) with w ~= q * scale[..., None]."""
     w32 = w.detach().float()
     scale = w32.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
@@ -37,16 +37,19 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return q * scale.to(dtype).unsqueeze(-1)  # int8 * dtype promotes to dtype in one pass
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ (q * scale)^T (+ bias) -> [..., N]; q [N, K] int8, scale [N] in x's dtype."""
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                kernel_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ (q * scale)^T (+ bias) -> [..., N] in x's dtype; q [N, K] int8, scale [N].
+    With kernel_scale (the scales in KERNEL_DTYPE), up to GEMV_ROWS rows go through the int8 GEMV kernel with the
+    activations rounded to KERNEL_DTYPE; otherwise, and for more rows, q is dequantized to x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] <= GEMV_ROWS and x.device.type == "cpu" and q.shape[1] % 16 == 0:
+    if kernel_scale is not None and x2.shape[0] <= GEMV_ROWS and x.device.type == "cpu" and q.shape[1] % 16 == 0:
         # (the CPU kernel reads K in blocks of 16: in bf16 any other K gives garbage or a crash, torch 2.13)
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(kernel_scale.dtype).contiguous(), q, kernel_scale).to(x.dtype)
         if bias is not None:
-            y = y + bias
+            y = y + bias.to(x.dtype)
     else:
-        y = F.linear(x2, dequantize_rows(q, scale, x.dtype), bias)
+        y = F.linear(x2, dequantize_rows(q, scale, x.dtype), None if bias is None else bias.to(x.dtype))
     return y.view(*x.shape[:-1], q.shape[0])
 
 
@@ -57,59 +60,54 @@ def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def _register(module: nn.Module, name: str, quantized: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Buffers, so that .to(device) moves them and state_dict() shows them."""
-    module.register_buffer(name, quantized[0])
-    module.register_buffer(name + "_scale", quantized[1])
+def _register(module: nn.Module, name: str, w: torch.Tensor, kernel: bool) -> None:
+    """int8 rows and fp32 scales (+ the scales in KERNEL_DTYPE for the GEMV kernel) as buffers, so that .to(device)
+    moves them and state_dict() shows them."""
+    q, scale = quantize_rows(w)
+    module.register_buffer(name, q)
+    module.register_buffer(name + "_scale", scale)
+    module.register_buffer(name + "_kernel_scale", scale.to(KERNEL_DTYPE) if kernel else None)
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, kernel: bool = True):
         super().__init__()
-        dtype = linear.weight.dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, s = quantize_rows(linear.weight, dtype)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", s)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        _register(self, "qweight", linear.weight, kernel)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.qweight_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.qweight, self.scale, self.bias)
+        return int8_linear(x, self.qweight, self.qweight_scale, self.bias, self.qweight_kernel_scale)
 
 
 class Int8MLP(nn.Module):
     """SwiGLU MLP (dense layers, shared experts) with gate and up fused into one int8 matrix."""
 
-    def __init__(self, mlp: MLP):
+    def __init__(self, mlp: MLP, kernel: bool = True):
         super().__init__()
-        dtype = mlp.down_proj.weight.dtype
-        _register(self, "gate_up", quantize_rows(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), dtype))
-        _register(self, "down", quantize_rows(mlp.down_proj.weight, dtype))
+        _register(self, "gate_up", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), kernel)
+        _register(self, "down", mlp.down_proj.weight, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = int8_linear(x, self.gate_up, self.gate_up_scale).chunk(2, dim=-1)
-        return int8_linear(F.silu(gate) * up, self.down, self.down_scale)
+        gate, up = int8_linear(x, self.gate_up, self.gate_up_scale, None, self.gate_up_kernel_scale).chunk(2, dim=-1)
+        return int8_linear(F.silu(gate) * up, self.down, self.down_scale, None, self.down_kernel_scale)
 
 
-class Int8Experts(Experts):
-    """Routed experts as stacked int8 matrices with per-row scales (same token grouping as Experts.forward)."""
+class Int8Experts(ExpertGroup):
+    """Routed experts as stacked int8 matrices with per-row scales (the token grouping is ExpertGroup's)."""
 
-    def __init__(self, experts: Experts):
-        nn.Module.__init__(self)
-        self.n_experts = experts.n_experts
-        dtype = experts.down_proj.dtype
-        _register(self, "gate_up", quantize_rows(experts.gate_up_proj, dtype))  # [E, 2I, H], scales [E, 2I]
-        _register(self, "down", quantize_rows(experts.down_proj, dtype))  # [E, H, I], scales [E, H]
+    def __init__(self, experts: Experts, kernel: bool = True):
+        super().__init__(experts.n_experts)
+        _register(self, "gate_up", experts.gate_up_proj, kernel)  # [E, 2I, H], scales [E, 2I]
+        _register(self, "down", experts.down_proj, kernel)  # [E, H, I], scales [E, H]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = int8_linear(x, self.gate_up[e], self.gate_up_scale[e]).chunk(2, dim=-1)
-        return int8_linear(F.silu(gate) * up, self.down[e], self.down_scale[e])
-
-
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace the model's matrices by int8 versions, in place; returns the model, which can then run but not train
-    or be saved. Each plain weight is released as soon as its int8 copy exists."""
-    prepare_attention(model, Int8Linear)
-    swap_matrices(model, Int8MLP, Int8Linear, lambda e: None if isinstance(e, Int8Experts) else Int8Experts(e))
-    model.quantization = "int8"
-    return model
+        ks = self.gate_up_kernel_scale
+        gate, up = int8_linear(x, self.gate_up[e], self.gate_up_scale[e], None,
+                               None if ks is None else ks[e]).chunk(2, dim=-1)
+        ks = self.down_kernel_scale
+        return int8_linear(F.silu(gate) * up, self.down[e], self.down_scale[e], None, None if ks is None else ks[e])

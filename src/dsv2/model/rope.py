@@ -12,11 +12,19 @@ import torch
 from ..config import ModelConfig, yarn_get_mscale
 
 
-def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [D/2] (fp32) and the cos/sin amplitude multiplier for the config's rope type."""
+def rope_inv_freq(cfg: ModelConfig, seq_len: int | torch.Tensor | None = None,
+                  device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [D/2] (fp32) and the cos/sin amplitude multiplier for the config's rope type.
+    Dynamic NTK takes the sequence length: an int, or a tensor [*P] of per-token lengths (then [*P, D/2])."""
     d, theta, rs = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling
     exponents = torch.arange(0, d, 2, dtype=torch.float32, device=device) / d
     kind = cfg.rope_type
+    if kind == "dynamic" and isinstance(seq_len, torch.Tensor):
+        # one NTK-stretched base per token, from the length of the sequence it belongs to (not the batch's longest)
+        f, m = rs["factor"], cfg.max_position_embeddings
+        L = seq_len.to(device=device, dtype=torch.float64)
+        base = torch.where(L > m, theta * ((f * L / m) - (f - 1)) ** (d / (d - 2)), torch.full_like(L, theta))
+        return 1.0 / (base.float().unsqueeze(-1) ** exponents), 1.0
     if kind == "dynamic" and seq_len is not None and seq_len > cfg.max_position_embeddings:
         # NTK-aware base stretch, recomputed from the longest position this forward sees
         f = rs["factor"]
@@ -46,9 +54,13 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None, device=None) -> 
     return inv_freq, float(amplitude)
 
 
-def rope_freqs(cfg: ModelConfig, positions: torch.Tensor) -> torch.Tensor:
-    """Rotations e^{i * pos * inv_freq} (times the YaRN amplitude) as complex64 [*P, D/2], for integer positions [*P]."""
-    seq_len = int(positions.max()) + 1 if cfg.rope_type == "dynamic" and positions.numel() else None
+def rope_freqs(cfg: ModelConfig, positions: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotations e^{i * pos * inv_freq} (times the YaRN amplitude) as complex64 [*P, D/2], for integer positions [*P].
+    lengths [*P]: the length of each token's sequence, for dynamic NTK (default: the longest position + 1, what a
+    plain forward over one batch of equal-length rows sees)."""
+    seq_len = None
+    if cfg.rope_type == "dynamic" and positions.numel():
+        seq_len = lengths if lengths is not None else int(positions.max()) + 1
     inv_freq, amplitude = rope_inv_freq(cfg, seq_len, positions.device)
     angles = positions.float()[..., None] * inv_freq  # [*P, D/2], fp32
     return torch.polar(torch.full_like(angles, amplitude), angles)

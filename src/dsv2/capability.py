@@ -1,0 +1,291 @@
+"""What this machine runs fast -- asked of the CPU and of torch, never assumed -- and, from that, how inference
+multiplies by each kind of weight. `dsv2 info --system` prints both, with the reason for every choice.
+
+    cap = cpu_capability()                       # CPU level, oneDNN bf16, the int8 GEMV kernel: each tried once
+    plan = inference_plan("cpu", "auto", None)   # weight / compute dtypes and the kernel of every matmul kind
+
+DSV2_CPU_CAPABILITY=default|avx2|avx512 lowers what dsv2 believes the CPU can do (it never raises it), so the paths
+an AVX2 or plain CPU takes run -- and are tested -- on any machine. It changes dsv2's choices only; to make torch's
+own kernels behave as on an AVX2 CPU too, set ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 as well.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass, field
+
+import torch
+
+LEVELS = ("default", "avx2", "avx512")  # dsv2's view of x86 vector levels, lowest first
+ENV = "DSV2_CPU_CAPABILITY"
+# Up to this many rows a matmul is a matrix-vector product bound by reading the weights (decode); above it, a
+# matrix-matrix product bound by arithmetic (prefill, large decode batches). Both int8 and bf16-storage kernels
+# switch at this size; measured on 2-core EPYC (AVX2 and AVX-512) and Xeon (AVX-512 + AMX) machines.
+GEMV_ROWS = 16
+_INTERESTING_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
+                      "avx512_fp16", "avx_vnni", "avx512_vnni", "avx_ne_convert", "amx_bf16", "amx_int8", "amx_tile",
+                      "asimd", "bf16", "i8mm", "sve", "sve2")
+
+
+@dataclass(frozen=True)
+class CpuCapability:
+    """The CPU as dsv2 sees it. Each bool is the answer of a check (see `reasons`), not of a CPU model name."""
+    arch: str  # platform.machine(): x86_64, aarch64, arm64, ...
+    torch_level: str  # torch.backends.cpu.get_cpu_capability(), lower case: default, avx2, avx512, sve256, ...
+    level: str  # what dsv2 uses on x86: torch's level, lowered by DSV2_CPU_CAPABILITY
+    forced: str | None  # DSV2_CPU_CAPABILITY (or the override a test passed)
+    onednn_bf16: bool  # oneDNN multiplies bf16 natively and its weight prepacking works
+    fast_bf16: bool  # bf16 matrix-matrix products run at least as fast as fp32 (else: compute in fp32)
+    fast_fp16: bool
+    int8_gemv: bool  # torch's int8 weight-only GEMV kernel (aten._weight_int8pack_mm) gives right answers
+    flags: tuple[str, ...]  # the vector-ISA flags the OS reports (informational)
+    reasons: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_x86(self) -> bool:
+        return self.arch.lower() in ("x86_64", "amd64", "i686", "x86")
+
+    def as_dict(self) -> dict:
+        return {"arch": self.arch, "torch_capability": self.torch_level, "level": self.level, "forced": self.forced,
+                "onednn_bf16": self.onednn_bf16, "fast_bf16": self.fast_bf16, "fast_fp16": self.fast_fp16,
+                "int8_gemv": self.int8_gemv, "flags": list(self.flags), "reasons": dict(self.reasons)}
+
+
+def cpu_capability(force: str | None = None) -> CpuCapability:
+    """This machine's capability (checked once per process and override). `force` (or the DSV2_CPU_CAPABILITY
+    environment variable) is one of LEVELS and only ever lowers the level."""
+    force = force if force is not None else os.environ.get(ENV) or None
+    if force is not None:
+        force = force.strip().lower()
+        if force not in LEVELS:
+            raise ValueError(f"{ENV}={force!r}: use one of {', '.join(LEVELS)}")
+    return _detect(force)
+
+
+@functools.lru_cache(maxsize=None)
+def _detect(force: str | None) -> CpuCapability:
+    arch = platform.machine() or "unknown"
+    torch_level = torch.backends.cpu.get_cpu_capability().lower()
+    reasons: dict[str, str] = {}
+    x86 = arch.lower() in ("x86_64", "amd64", "i686", "x86")
+    level = torch_level if torch_level in LEVELS else "default"
+    if force is not None and LEVELS.index(force) < LEVELS.index(level):
+        level = force
+        reasons["level"] = f"{ENV}={force} lowers torch's {torch_level}"
+    elif force is not None and force != level:
+        reasons["level"] = f"{ENV}={force} ignored: this CPU (as torch runs it) only reaches {torch_level}"
+    else:
+        reasons["level"] = f"torch.backends.cpu.get_cpu_capability() = {torch_level.upper()}"
+
+    onednn_bf16, why = _check_onednn_bf16(x86, level)
+    reasons["onednn_bf16"] = why
+    if x86:
+        fast_bf16, fast_fp16 = onednn_bf16, onednn_bf16 and _mkldnn_supports("fp16")
+        reasons["fast_bf16"] = ("oneDNN runs bf16 GEMMs natively" if fast_bf16 else
+                                "no oneDNN bf16 here: torch's fallback bf16 GEMM is many times slower than fp32")
+    else:  # ARM and others: torch's own check (bf16 instructions and a oneDNN/ACL build that uses them)
+        fast_bf16, fast_fp16 = _mkldnn_supports("bf16"), _mkldnn_supports("fp16")
+        reasons["fast_bf16"] = f"torch.ops.mkldnn._is_mkldnn_bf16_supported() = {fast_bf16} on {arch}"
+    reasons["fast_fp16"] = f"torch.ops.mkldnn._is_mkldnn_fp16_supported() = {fast_fp16}" if fast_bf16 or not x86 \
+        else "no oneDNN half-precision GEMMs at this level"
+    int8_gemv, reasons["int8_gemv"] = _check_int8_gemv()
+    return CpuCapability(arch=arch, torch_level=torch_level, level=level, forced=force, onednn_bf16=onednn_bf16,
+                         fast_bf16=fast_bf16, fast_fp16=fast_fp16, int8_gemv=int8_gemv, flags=_cpu_flags(),
+                         reasons=reasons)
+
+
+def _mkldnn_supports(kind: str) -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    check = getattr(torch.ops.mkldnn, f"_is_mkldnn_{kind}_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+def _check_onednn_bf16(x86: bool, level: str) -> tuple[bool, str]:
+    if not x86:
+        return False, "not x86: oneDNN weight prepacking is only used with x86 kernels"
+    if level != "avx512":
+        return False, f"CPU level {level}: oneDNN's bf16 path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT"
+    if not _mkldnn_supports("bf16"):
+        return False, "torch.ops.mkldnn._is_mkldnn_bf16_supported() is False (CPU or torch build)"
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False, "this torch build has no mkldnn._reorder_linear_weight"
+    try:  # the trial the real model would make, on a tiny matrix, checked against fp32
+        w = torch.randn(32, 64).bfloat16()
+        x = torch.randn(3, 64).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        ok = torch.allclose(y.float(), x.float() @ w.float().T, rtol=2e-2, atol=5e-2)
+    except RuntimeError as e:
+        return False, f"oneDNN refused a bf16 weight: {str(e).splitlines()[0][:120]}"
+    return (True, "a bf16 weight packed and multiplied on a trial matrix") if ok else \
+        (False, "oneDNN's packed bf16 matmul gave wrong results on a trial matrix")
+
+
+def _check_int8_gemv() -> tuple[bool, str]:
+    op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+    if op is None:
+        return False, "this torch build has no aten._weight_int8pack_mm"
+    try:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=g)
+        scale = (torch.rand(32, generator=g) / 64 + 1e-3).bfloat16()
+        x = torch.randn(2, 64, generator=g).bfloat16()
+        y = op(x, q, scale).float()
+        ref = x.float() @ (q.float() * scale.float()[:, None]).T
+        ok = torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    except RuntimeError as e:
+        return False, f"aten._weight_int8pack_mm refused a trial: {str(e).splitlines()[0][:120]}"
+    return (True, "aten._weight_int8pack_mm matched fp32 on a trial matrix") if ok else \
+        (False, "aten._weight_int8pack_mm gave wrong results on a trial matrix")
+
+
+def _cpu_flags() -> tuple[str, ...]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return tuple(flag for flag in _INTERESTING_FLAGS if flag in have)
+    except OSError:
+        pass
+    return ()
+
+
+# ---- the inference plan ---------------------------------------------------------------------------------------
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "float": torch.float32, "fp32": torch.float32}
+QUANTIZATIONS = ("int8",)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
+    """A dtype name or torch dtype -> torch dtype; "auto" -> None (the plan decides)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """How a model is stored and multiplied for inference on one device.
+
+    weights: "packed"  -- bf16/fp16 weights reordered into oneDNN's blocked layout (x86 with oneDNN bf16)
+             "upcast"  -- bf16/fp16 weights kept compact; a few rows (decode) run torch's half-precision GEMV, more
+                          rows multiply in fp32 with the weight converted per call (CPUs without fast bf16 GEMMs)
+             "int8"    -- int8 weights with a scale per output row (quantization="int8")
+             "plain"   -- nn.Linear in the weight dtype (fp32, CUDA, or what was asked for)
+    """
+    device: str
+    weight_dtype: torch.dtype  # the dtype weights are loaded in (int8 quantizes the matrices from it)
+    compute_dtype: torch.dtype  # activations, the residual stream, attention
+    cache_dtype: torch.dtype  # the latent cache
+    weights: str
+    quantization: str | None
+    int8_kernel: bool  # int8 decode rows through aten._weight_int8pack_mm (else dequantize)
+    gemv_rows: int = GEMV_ROWS
+    notes: tuple[str, ...] = ()
+
+    def kernels(self) -> dict[str, str]:
+        """Each kind of matmul -> the kernel that runs it, readable."""
+        c, w = _name(self.compute_dtype), _name(self.weight_dtype)
+        few, many = f"<= {self.gemv_rows} rows (decode)", f"> {self.gemv_rows} rows (prefill, big batches)"
+        if self.weights == "packed":
+            gemv = gemm = f"oneDNN {w} matmul on prepacked (blocked) weights"
+        elif self.weights == "upcast":
+            gemv = f"torch {w} GEMV: activations rounded to {w}, fp32 accumulation, output back to {c}"
+            gemm = f"fp32 GEMM: the {w} weight converted to fp32 for each call"
+        elif self.weights == "int8":
+            gemv = ("aten._weight_int8pack_mm (int8 weights dequantized in the kernel, bf16 activations)"
+                    if self.int8_kernel else f"dequantize to {c}, then {c} matmul")
+            gemm = f"dequantize to {c}, then {c} matmul"
+        else:
+            gemv = gemm = f"torch {c} matmul" + (" (cuBLAS)" if self.device.startswith("cuda") else "")
+        return {
+            f"linear {few}": gemv,
+            f"linear {many}": gemm,
+            "routed experts": "tokens grouped by expert, each group through the linear kernels above",
+            "router": "fp32 matmul and softmax (weights kept fp32)",
+            "prefill attention": f"scaled_dot_product_attention in {c} (v padded to the q/k head dim)",
+            "decode attention": f"absorbed MLA over the {_name(self.cache_dtype)} latent cache, scores and softmax "
+                                "in fp32",
+        }
+
+    def as_dict(self) -> dict:
+        return {"device": self.device, "weight_dtype": _name(self.weight_dtype),
+                "compute_dtype": _name(self.compute_dtype), "cache_dtype": _name(self.cache_dtype),
+                "weights": self.weights, "quantization": self.quantization, "gemv_rows": self.gemv_rows,
+                "kernels": self.kernels(), "notes": list(self.notes)}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def inference_plan(device: str | torch.device, dtype: str | torch.dtype = "auto", quantization: str | None = None,
+                   cpu_weight_packing: bool | None = None, capability: CpuCapability | None = None) -> InferencePlan:
+    """The fastest faithful way to run a model on `device` with what the user asked for.
+
+    dtype "auto": bf16 weights everywhere (the published checkpoints' dtype); computed in bf16 on CUDA and on CPUs
+    with fast bf16 GEMMs, in fp32 elsewhere. An explicit dtype means weights *and* compute in that dtype.
+    quantization "int8": int8 weights; compute as for "auto" unless a dtype is given.
+    cpu_weight_packing: None = where oneDNN takes the weights; False = never; True = required (error if not possible).
+    """
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not supported; use one of {list(QUANTIZATIONS)} "
+                         "(weight-only, per output row) or None")
+    device = torch.device(device)
+    asked = parse_dtype(dtype)
+    notes: list[str] = []
+    if device.type != "cpu":
+        d = asked or torch.bfloat16
+        if cpu_weight_packing:
+            raise ValueError("cpu_weight_packing=True needs device='cpu'")
+        if quantization == "int8":
+            return InferencePlan(str(device), d, d, d, "int8", "int8", False,
+                                 notes=("int8 decode rows dequantize on this device",))
+        return InferencePlan(str(device), d, d, d, "plain", None, False)
+
+    cap = capability or cpu_capability()
+    fast = {torch.bfloat16: cap.fast_bf16, torch.float16: cap.fast_fp16, torch.float32: True}
+    if quantization == "int8":
+        compute = asked or (torch.bfloat16 if cap.fast_bf16 else torch.float32)
+        if cpu_weight_packing:
+            raise ValueError("cpu_weight_packing=True and quantization='int8' exclude each other: int8 weights are "
+                             "not prepacked")
+        # the kernel takes bf16 activations (it is many times slower in fp32): with an explicit fp32, dequantize
+        kernel = cap.int8_gemv and asked != torch.float32
+        if not cap.int8_gemv:
+            notes.append(f"int8 GEMV kernel unavailable ({cap.reasons.get('int8_gemv')}): decode dequantizes")
+        elif not kernel:
+            notes.append("dtype float32 asked for: int8 decode rows dequantize to fp32 (the int8 kernel rounds "
+                         "activations to bf16)")
+        stored = asked or torch.bfloat16  # what the matrices are quantized from; the embedding and norms stay in it
+        return InferencePlan("cpu", stored, compute, stored, "int8", "int8", kernel, notes=tuple(notes))
+
+    weight = asked or torch.bfloat16
+    if asked is None and not cap.fast_bf16:
+        compute = torch.float32  # keep the weights compact, compute where this CPU is fast
+        notes.append(f"no fast bf16 GEMM on this CPU ({cap.reasons['fast_bf16']}): bf16 weights, fp32 compute")
+    else:
+        compute = weight
+        if not fast[weight]:
+            notes.append(f"{_name(weight)} was asked for, but this CPU has no fast {_name(weight)} GEMM: prefill "
+                         "will be slow; dtype auto keeps bf16 weights and computes in fp32")
+    cache = weight  # compact where the weights are: an "upcast" model caches bf16 latents
+    can_pack = cap.onednn_bf16 and weight == torch.bfloat16 and compute == torch.bfloat16
+    if cpu_weight_packing and not can_pack:
+        why = cap.reasons["onednn_bf16"] if not cap.onednn_bf16 else "it packs bf16 weights computed in bf16 only"
+        raise ValueError(f"cpu_weight_packing=True is not possible here: {why}")
+    if can_pack and cpu_weight_packing is not False:
+        return InferencePlan("cpu", weight, compute, cache, "packed", None, False, notes=tuple(notes))
+    if compute == torch.float32 and weight != torch.float32:
+        return InferencePlan("cpu", weight, compute, cache, "upcast", None, False, notes=tuple(notes))
+    return InferencePlan("cpu", weight, compute, cache, "plain", None, False, notes=tuple(notes))

@@ -1,0 +1,108 @@
+"""The inference form of a loaded model, made by module swaps over the unmodified model, as an InferencePlan
+(dsv2.capability) says:
+
+    prepare_for_inference(model, plan)   # fused MLA input projection + absorbed weights, then every matrix as the
+                                         # plan's weight format: oneDNN-packed, upcast (bf16 kept, fp32 compute),
+                                         # int8, or plain
+
+Each swap builds the new module with its own constructor from the old one and drops the old one at once, so memory
+peaks near one model plus one layer. The result runs but no longer trains or saves. The router (fp32) and the norms
+are never touched.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..capability import InferencePlan
+from .layers import MLP
+from .mla import MLA
+from .moe import Experts
+from .packed import PackedExperts, PackedLinear, PackedMLP
+from .quant import Int8Experts, Int8Linear, Int8MLP
+from .transformer import Transformer
+from .upcast import UpcastEmbedding, UpcastExperts, UpcastLinear, UpcastMLP
+
+# kv_b_proj is kept in its stored dtype by packing and int8: prefill decompresses the cache with it, and decode
+# uses its per-head slices (W_UK, W_UV^T), which prepare_attention copies out in the compute dtype
+KEEP_PLAIN = ("kv_b_proj",)
+
+
+def fused_attention(mla: MLA, dtype: torch.dtype) -> MLA:
+    """The inference layout of one MLA (MLA(fused_input=True)): [q_proj or q_a_proj | kv_a_proj_with_mqa] as one
+    nn.Linear, and W_UK / W_UV^T as contiguous buffers in `dtype`; every other submodule is the old one's."""
+    with torch.device("meta"):
+        new = MLA(mla.config, mla.layer_idx, fused_input=True)
+    first = mla.q_proj if mla.q_lora_rank is None else mla.q_a_proj
+    second = mla.kv_a_proj_with_mqa
+    with torch.device(first.weight.device):
+        fused = nn.Linear(first.in_features, first.out_features + second.out_features, bias=first.bias is not None,
+                          dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([first.weight, second.weight]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([first.bias, second.bias]))
+    fused.requires_grad_(False)
+    new.input_proj = fused
+    w_uk, w_uv_t = mla.absorbed_weights()
+    new.w_uk, new.w_uv_t = w_uk.to(dtype).contiguous(), w_uv_t.to(dtype).contiguous()
+    for name in ("q_a_layernorm", "q_b_proj", "kv_a_layernorm", "kv_b_proj", "o_proj"):
+        if hasattr(mla, name):
+            setattr(new, name, getattr(mla, name))
+    return new
+
+
+def prepare_attention(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every MLA in `model` replaced by its fused inference layout (absorbed weights in `dtype`)."""
+    for block in model.modules():
+        if isinstance(getattr(block, "self_attn", None), MLA) and not block.self_attn.fused_input:
+            block.self_attn = fused_attention(block.self_attn, dtype)
+
+
+def swap_matrices(module: nn.Module, mlp, linear, experts) -> None:
+    """Replace, recursively, every MLP, nn.Linear and Experts child by mlp(child), linear(child, name) or
+    experts(child); a factory that returns None keeps the child. Each plain child is dropped as soon as it is
+    replaced, so memory peaks near one model plus one layer."""
+    for name, child in list(module.named_children()):
+        new = None
+        if isinstance(child, MLP):
+            new = mlp(child)
+        elif isinstance(child, nn.Linear):
+            new = linear(child, name)
+        elif isinstance(child, Experts):
+            new = experts(child)
+        if new is not None:
+            setattr(module, name, new)
+        elif not isinstance(child, nn.Linear):
+            swap_matrices(child, mlp, linear, experts)
+        del child  # drop this frame's reference too, so the plain weights go now
+
+
+def prepare_for_inference(model: Transformer, plan: InferencePlan) -> Transformer:
+    """`model` (loaded in plan.weight_dtype) in the plan's inference form, in place; returns it."""
+    compute, rows = plan.compute_dtype, plan.gemv_rows
+    prepare_attention(model, compute)
+    upcast = compute != plan.weight_dtype  # weights stored narrower than the compute dtype
+    keep = (lambda m: UpcastLinear(m, rows)) if upcast else (lambda m: None)
+    if plan.weights == "packed":
+        swap_matrices(model, PackedMLP, lambda m, name: keep(m) if name in KEEP_PLAIN else PackedLinear(m),
+                      PackedExperts)
+    elif plan.weights == "int8":
+        k = plan.int8_kernel
+        swap_matrices(model, lambda m: Int8MLP(m, k),
+                      lambda m, name: keep(m) if name in KEEP_PLAIN else Int8Linear(m, k), lambda e: Int8Experts(e, k))
+    elif upcast:
+        swap_matrices(model, lambda m: UpcastMLP(m, rows), lambda m, name: UpcastLinear(m, rows),
+                      lambda e: UpcastExperts(e, rows))
+    if upcast:
+        model.model.embed_tokens = UpcastEmbedding(model.model.embed_tokens, compute)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def quantize_int8(model: Transformer, kernel: bool = True) -> Transformer:
+    """Weight-only int8 in the model's own dtype (see model/quant.py), in place; returns the model."""
+    dtype = model.model.embed_tokens.weight.dtype
+    plan = InferencePlan(device=str(model.model.embed_tokens.weight.device), weight_dtype=dtype, compute_dtype=dtype,
+                         cache_dtype=dtype, weights="int8", quantization="int8", int8_kernel=kernel)
+    return prepare_for_inference(model, plan)

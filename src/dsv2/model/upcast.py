@@ -1,0 +1,81 @@
+"""Compact weights, fp32 compute: the "upcast" plan of dsv2.capability, for CPUs without fast bf16 matrix products
+(AVX2, ARM without bf16), where torch's bf16 GEMM is many times slower than fp32.
+
+Weights stay bf16 (or fp16) in memory -- half of fp32, and decode is bound by reading them -- while activations,
+the residual stream and attention run in fp32. Each matmul picks its kernel by the number of rows it multiplies:
+up to `gemv_rows` (decode) the activations are rounded to the weight dtype and torch's half-precision
+matrix-vector kernel streams the weight once (fp32 accumulation); above it (prefill, big batches) the weight is
+converted to fp32 for the call and the product runs in fp32, where the conversion is amortized over the rows.
+The slow twin is the same model loaded in fp32 (tests/test_cpu_paths.py compares them).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import MLP
+from .moe import ExpertGroup, Experts
+
+
+def upcast_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gemv_rows: int) -> torch.Tensor:
+    """x [..., K] (fp32) @ w^T [K, N] (half precision) (+ bias) -> [..., N] in x's dtype."""
+    if x.numel() <= gemv_rows * x.shape[-1]:
+        y = F.linear(x.to(w.dtype), w).to(x.dtype)
+        return y if bias is None else y + bias.to(x.dtype)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach(), requires_grad=False)  # the same storage: no copy of the weight
+
+
+class UpcastLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, gemv_rows: int):
+        super().__init__()
+        self.in_features, self.out_features, self.gemv_rows = linear.in_features, linear.out_features, gemv_rows
+        self.weight = _frozen(linear.weight)
+        self.bias = None if linear.bias is None else _frozen(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upcast_linear(x, self.weight, self.bias, self.gemv_rows)
+
+
+class UpcastMLP(nn.Module):
+    """SwiGLU MLP (dense layers, shared experts) with gate and up fused into one matrix."""
+
+    def __init__(self, mlp: MLP, gemv_rows: int):
+        super().__init__()
+        self.gemv_rows = gemv_rows
+        self.gate_up = _frozen(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.down = _frozen(mlp.down_proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = upcast_linear(x, self.gate_up, None, self.gemv_rows).chunk(2, dim=-1)
+        return upcast_linear(F.silu(gate) * up, self.down, None, self.gemv_rows)
+
+
+class UpcastExperts(ExpertGroup):
+    """Routed experts on their stacked half-precision weights (the token grouping is ExpertGroup's)."""
+
+    def __init__(self, experts: Experts, gemv_rows: int):
+        super().__init__(experts.n_experts)
+        self.gemv_rows = gemv_rows
+        self.gate_up_proj = _frozen(experts.gate_up_proj)  # [E, 2I, H]
+        self.down_proj = _frozen(experts.down_proj)  # [E, H, I]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = upcast_linear(x, self.gate_up_proj[e], None, self.gemv_rows).chunk(2, dim=-1)
+        return upcast_linear(F.silu(gate) * up, self.down_proj[e], None, self.gemv_rows)
+
+
+class UpcastEmbedding(nn.Module):
+    """The token embedding, looked up in its stored dtype and handed on in the compute dtype."""
+
+    def __init__(self, embedding: nn.Embedding, dtype: torch.dtype):
+        super().__init__()
+        self.weight = embedding.weight  # shared with lm_head when the embeddings are tied
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(self.dtype)
