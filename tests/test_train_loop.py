@@ -1,8 +1,11 @@
 """The trainer end to end on tiny models: the loss falls, a SIGKILLed run resumes bit for bit, checkpoints survive
 crashes mid-write, and an export loads in dsv2 and transformers with the same logits."""
+import glob
 import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -126,6 +129,8 @@ def test_a_crash_mid_write_never_corrupts_the_last_good_checkpoint(tmp_path, mon
         save_checkpoint(run, 3, {"step": 3}, keep=1)
     monkeypatch.undo()
     assert [s for s, _ in list_checkpoints(run)] == [1, 2]  # the .tmp never took a checkpoint's name
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [  # nor did it leave anything behind
+        "step-00000001.pt", "step-00000001.pt.sha256", "step-00000002.pt", "step-00000002.pt.sha256"]
     state, path = load_latest(run)
     assert state["step"] == 2 and torch.equal(state["w"], torch.full((4,), 2.0))
 
@@ -226,3 +231,64 @@ def test_greedy_and_seeded_samples_are_reproducible(trained_run, tmp_path):
     sampled = [complete(model, tok, "def f(x):", max_new_tokens=8, temperature=1.0, top_p=0.9, seed=s) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1]  # the same seed, the same sample
     assert sampled[2] != sampled[0]  # and the seed is what decides it: another one draws another sample
+
+
+def test_a_checkpoint_with_flipped_bytes_is_caught_by_its_checksum(tmp_path, capsys):
+    run = str(tmp_path)
+    for step in (1, 2):
+        save_checkpoint(run, step, {"step": step, "w": torch.full((1000,), float(step))}, keep=5)
+    (_, older), (_, newest) = list_checkpoints(run)
+    data = bytearray(open(newest, "rb").read())
+    data[data.find(struct.pack("<f", 2.0) * 16) + 5] ^= 1  # one bit of the tensor data: torch.load reads it happily
+    open(newest, "wb").write(data)
+    state, path = load_latest(run)
+    assert state["step"] == 1 and path == older and torch.equal(state["w"], torch.full((1000,), 1.0))
+    err = capsys.readouterr().err
+    assert "step-00000002.pt" in err and "checksum" in err
+    os.remove(older + ".sha256")  # as an older dsv2 wrote them: loaded, with a word that nothing was verified
+    state, _ = load_latest(run)
+    assert state["step"] == 1 and "no checksum" in capsys.readouterr().err
+
+
+def test_resume_with_no_readable_checkpoint_fails_and_changes_nothing(trained_run, tmp_path, capsys):
+    run = str(tmp_path / "r")
+    shutil.copytree(trained_run[0], run)
+    (_, older), (_, newest) = list_checkpoints(run)
+    with open(newest, "r+b") as f:
+        f.truncate(1000)
+    data = bytearray(open(older, "rb").read())
+    data[len(data) // 2] ^= 1
+    open(older, "wb").write(data)
+    before = {p: open(p, "rb").read() for p in sorted(glob.glob(os.path.join(run, "**"), recursive=True))
+              if os.path.isfile(p)}
+    assert cli(["train", "--resume", "--out", run, "--steps", "40", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "step-00000015.pt" in err and "step-00000030.pt" in err and "checksum" in err, err
+    assert "Nothing was changed" in err and "--out" in err
+    after = {p: open(p, "rb").read() for p in sorted(glob.glob(os.path.join(run, "**"), recursive=True))
+             if os.path.isfile(p)}
+    assert after == before  # metrics.jsonl, train_config.json and the checkpoints as they were
+
+
+def test_divergence_advice_and_resume_step_go_back_keeping_the_abandoned_history(data_dir, tmp_path, capsys):
+    run = str(tmp_path / "r")
+    train(_tiny(data_dir, steps=4, save_every=2, eval_every=100, final_eval=False), run, progress=False)
+    state, _ = load_latest(run)
+    state["model"]["lm_head.weight"].fill_(float("nan"))  # a checkpoint whose numbers, not bytes, went bad
+    save_checkpoint(run, 4, state, keep=3)
+    with pytest.raises(FloatingPointError) as e:
+        train(TrainConfig.load(run).replace(steps=6), run, resume=True, progress=False)
+    msg = str(e.value)
+    assert "step 5" in msg and f"dsv2 train --resume --out {run} --resume-step 2 --lr" in msg, msg
+    capsys.readouterr()
+
+    # the advice, followed: back to step 2 with a lower learning rate
+    assert cli(["train", "--resume", "--out", run, "--resume-step", "2", "--lr", "1e-3", "--steps", "6",
+                "--quiet"]) == 0
+    assert "moved to" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4, 6]
+    (aside,) = glob.glob(os.path.join(run, "superseded", "*"))  # the abandoned steps 3-4, kept for comparison
+    assert sorted(os.listdir(os.path.join(aside, "checkpoints"))) == ["step-00000004.pt", "step-00000004.pt.sha256"]
+    with open(os.path.join(aside, "metrics.jsonl")) as f:
+        assert [(r["kind"], r["step"]) for r in map(json.loads, f)] == [("train", 3), ("train", 4), ("eval", 4)]

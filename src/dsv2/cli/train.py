@@ -4,6 +4,7 @@
     dsv2 data prepare CORPUS... --tokenizer tok --out data --include '*.py' --val-fraction 0.02
     dsv2 train --data data --out runs/r1 --model tiny-stdlib --steps 2000
     dsv2 train --resume --out runs/r1                 # after a crash, Ctrl-C or kill: continues exactly
+    dsv2 train --resume --out runs/r1 --resume-step 800 --lr 5e-4   # back to before a loss spike, gentler
     dsv2 plot runs/r1                                 # PNG charts in runs/r1/plots
     dsv2 export runs/r1 models/r1 --dtype bfloat16    # loads in dsv2 and transformers
     dsv2 evaluate models/r1 --data data               # held-out loss and bits per byte
@@ -79,6 +80,9 @@ def register(sub) -> None:
     r.add_argument("--out", metavar="RUN_DIR", help="the run directory (config, metrics.jsonl, checkpoints); "
                                                      "required except with --print-config")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    r.add_argument("--resume-step", type=int, metavar="N",
+                   help="continue from the checkpoint of step N instead (implies --resume), e.g. from before a loss "
+                        "spike with a lower --lr; metrics and checkpoints past N are moved to RUN_DIR/superseded/")
     r.add_argument("--data", help="a directory from `dsv2 data prepare`")
     r.add_argument("--model", help="a preset (tiny-stdlib, train-small, debug) or a config.json "
                                    "(default tiny-stdlib; vocab and bos/eos follow the data's tokenizer)")
@@ -227,7 +231,8 @@ def run_train(args) -> int:
         return 0
     if not args.out:
         raise ValueError("--out RUN_DIR is required: the directory for the run's config, metrics and checkpoints")
-    if args.resume:
+    resume = args.resume or args.resume_step is not None
+    if resume:
         tc = TrainConfig.load(args.out)
         changed = {k: v for k, v in given.items() if getattr(tc, k) != v}
         if changed:
@@ -238,7 +243,11 @@ def run_train(args) -> int:
         if "data" not in given:
             raise ValueError("--data is required for a new run (a directory from `dsv2 data prepare`)")
         tc = TrainConfig(**given)
-    summary = train(tc, args.out, resume=args.resume, progress=not args.quiet)
+    try:
+        summary = train(tc, args.out, resume=resume, progress=not args.quiet, resume_step=args.resume_step)
+    except FloatingPointError as e:  # divergence: the message says which checkpoint to go back to
+        print(f"dsv2 train: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 130 if summary.get("stopped") else 0
 

@@ -1,32 +1,43 @@
 """The run directory: training checkpoints and metrics.jsonl.
 
     RUN_DIR/
-      config.json                    the model config (Hugging Face layout)
-      train_config.json              the training settings
-      tokenizer/                     tokenizer.json + tokenizer_config.json of the prepared data
-      metrics.jsonl                  one JSON object per logging interval, evaluation and final evaluation
-      checkpoints/step-00001000.pt   model, optimizer, step, RNG states, data position, log accumulators
+      config.json                           the model config (Hugging Face layout)
+      train_config.json                     the training settings
+      tokenizer/                            tokenizer.json + tokenizer_config.json of the prepared data
+      metrics.jsonl                         one JSON object per logging interval, evaluation and final evaluation
+      checkpoints/step-00001000.pt          model, optimizer, step, RNG states, data position, log accumulators
+      checkpoints/step-00001000.pt.sha256   its checksum, in sha256sum's format (`sha256sum -c` checks it too)
+      superseded/<time>-after-step-N/       what a resume from step N set aside: later metrics and checkpoints
 
-A checkpoint is written to a temporary file, fsynced, then renamed over its final name (os.replace is atomic),
-so a crash mid-write leaves the previous checkpoints untouched; only then are the oldest beyond `keep` removed.
-Loading tries the newest first and falls back to older ones if a file cannot be read.
+A checkpoint is written with fileio.atomic_write (a temp file, fsynced, renamed over its name), its checksum landing
+first, so a crash mid-write leaves the previous checkpoints untouched and every step-*.pt has its checksum; only
+then are the oldest beyond `keep` removed. Loading verifies the checksum and tries the newest first, falling back to
+older ones when a file is damaged (flipped bits, a truncated copy); when none is intact it fails and changes nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import sys
+import time
 
 import numpy as np
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import STAGING, atomic_write, file_sha256, fsync_dir
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+CHECKSUM = ".sha256"
+SUPERSEDED = "superseded"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+class DamagedCheckpointError(ValueError):
+    """A training checkpoint whose bytes changed since it was written, or that cannot be read; names the file."""
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -38,34 +49,93 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+class _Sha256Writer:
+    """A file that hashes what passes through it, so the checksum costs no second read."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.sha256.update(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(run_dir: str, step: int, state: dict, keep: int) -> str:
     d = os.path.join(run_dir, CHECKPOINTS)
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f"step-{step:08d}.pt")
     with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+        hashed = _Sha256Writer(f)
+        torch.save(state, hashed)
+        with atomic_write(path + CHECKSUM) as c:  # before the checkpoint takes its name
+            c.write(f"{hashed.sha256.hexdigest()}  {os.path.basename(path)}\n")
     for _, old in list_checkpoints(run_dir)[:-keep]:
         os.remove(old)
+        _remove(old + CHECKSUM)
+    for name in os.listdir(d):  # what killed saves left: partial temp files, checksums of files never renamed in
+        if name.endswith(STAGING) or name.endswith(CHECKSUM) and not os.path.exists(os.path.join(d, name[:-len(CHECKSUM)])):
+            _remove(os.path.join(d, name))
     return path
 
 
 def load_checkpoint(path: str) -> dict:
-    # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Check `path` against its checksum, then read it; DamagedCheckpointError when either fails."""
+    try:
+        with open(path + CHECKSUM, encoding="utf-8") as f:
+            recorded = f.read().split()[0]
+    except FileNotFoundError:
+        recorded = None
+        print(f"warning: {path} has no checksum ({os.path.basename(path)}{CHECKSUM}: an older dsv2 wrote it, or the "
+              "file was removed); loading it unverified", file=sys.stderr)
+    except (OSError, IndexError, UnicodeDecodeError) as e:
+        raise DamagedCheckpointError(f"{path}{CHECKSUM}: unreadable checksum file ({e or 'empty'})") from None
+    if recorded is not None and (actual := file_sha256(path)) != recorded:
+        raise DamagedCheckpointError(f"{path}: checksum mismatch -- its sha256 is {actual[:16]}... but "
+                                     f"{recorded[:16]}... was recorded when it was written: its bytes changed since "
+                                     "(a disk or copy error, a truncated copy)")
+    try:
+        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).split(". ")[0]
+        raise DamagedCheckpointError(f"{path}: truncated or corrupt ({type(e).__name__}: {reason})") from None
 
 
 def load_latest(run_dir: str, step: int | None = None) -> tuple[dict, str] | None:
-    """The newest readable checkpoint (or the one at `step`), or None when there is none."""
-    for s, path in reversed(list_checkpoints(run_dir)):
-        if step is not None and s != step:
-            continue
-        try:
-            return load_checkpoint(path), path
-        except Exception as e:  # a damaged file (disk trouble): say so and fall back to the previous one
-            print(f"warning: cannot read checkpoint {path} ({type(e).__name__}: {e}); trying an older one",
-                  file=sys.stderr)
+    """The newest intact checkpoint (with `step`: that one) and its path; None when the run has none yet.
+    A damaged one is reported and the one before it tried; when none is intact, DamagedCheckpointError names
+    every file and what was wrong with it."""
+    d = os.path.join(run_dir, CHECKPOINTS)
+    found = list_checkpoints(run_dir)
     if step is not None:
-        raise FileNotFoundError(f"no readable checkpoint for step {step} in {os.path.join(run_dir, CHECKPOINTS)}")
+        paths = dict(found)
+        if step not in paths:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {d}; it holds steps "
+                                    f"{', '.join(str(s) for s, _ in found) or 'none'}")
+        try:
+            return load_checkpoint(paths[step]), paths[step]
+        except DamagedCheckpointError as e:
+            raise DamagedCheckpointError(f"{e}. Choose another step; {d} holds steps "
+                                         f"{', '.join(str(s) for s, _ in found)}") from None
+    problems = []
+    for _, path in reversed(found):
+        try:
+            state = load_checkpoint(path)
+        except DamagedCheckpointError as e:
+            problems.append(str(e))
+            continue
+        for p in problems:
+            print(f"warning: cannot read checkpoint {p}; using {os.path.basename(path)} instead", file=sys.stderr)
+        return state, path
+    if problems:
+        raise DamagedCheckpointError(
+            f"none of the {len(found)} checkpoint(s) in {d} is intact:\n  " + "\n  ".join(problems) + "\n"
+            "Nothing was changed: metrics.jsonl and the checkpoints are as they were. Put back a good copy of one of "
+            "these files (from a backup or another machine) and run again; or train anew with another --out; or, to "
+            f"retrain this run from step 0, first move {d} out of the way.")
     return None
 
 
@@ -112,11 +182,49 @@ def read_metrics(run_dir: str) -> list[dict]:
     return out
 
 
-def truncate_metrics(run_dir: str, step: int) -> None:
-    """Keep the records up to `step` (the checkpoint a resume starts from); later ones are logged again."""
+def set_aside_after(run_dir: str, step: int) -> str | None:
+    """Before a resume from `step`: move what the run recorded past it -- metrics.jsonl records (and the final
+    summary) and checkpoints -- to RUN_DIR/superseded/<time>-after-step-<step>/, so the continuation writes one
+    history without duplicates while the abandoned one stays on disk to compare with (or to delete). Returns that
+    directory, or None when nothing was past `step`."""
     path = os.path.join(run_dir, METRICS)
-    if not os.path.isfile(path):
-        return
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step and r.get("kind") != "final"]
-    with atomic_write(path) as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+    kept, later = [], []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    past = r.get("step", 0) > step or r.get("kind") == "final"
+                except json.JSONDecodeError:  # the torn last line of a killed run
+                    past = True
+                (later if past else kept).append(line if line.endswith("\n") else line + "\n")
+    newer = [p for s, p in list_checkpoints(run_dir) if s > step]
+    if not later and not newer:
+        return None
+    base = os.path.join(run_dir, SUPERSEDED, f"{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step}")
+    dest, n = base, 1
+    while os.path.exists(dest):
+        n += 1
+        dest = f"{base}-{n}"
+    os.makedirs(dest)
+    if later:  # the copy first: a crash in between leaves records twice, never nowhere
+        with atomic_write(os.path.join(dest, METRICS)) as f:
+            f.writelines(later)
+        with atomic_write(path) as f:
+            f.writelines(kept)
+    if newer:
+        os.mkdir(os.path.join(dest, CHECKPOINTS))
+        for p in newer:
+            for src in (p, p + CHECKSUM):  # the checkpoint first: none is ever left behind without its checksum
+                if os.path.exists(src):
+                    os.rename(src, os.path.join(dest, CHECKPOINTS, os.path.basename(src)))
+        fsync_dir(os.path.join(dest, CHECKPOINTS))
+        fsync_dir(os.path.join(run_dir, CHECKPOINTS))
+    return dest
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

@@ -26,8 +26,8 @@ from ..config import ModelConfig
 from ..model import build_model
 from ..model.moe import MoE, TokenDropping
 from ..progress import Progress
-from .checkpointing import (append_metrics, load_latest, rng_state, save_checkpoint, set_rng_state,
-                            truncate_metrics)
+from .checkpointing import (append_metrics, list_checkpoints, load_latest, rng_state, save_checkpoint,
+                            set_aside_after, set_rng_state)
 from .data import TokenShards, TrainBatches, file_sha256, read_manifest
 from .evaluate import evaluate
 from .losses import BalanceCoefficients, LoadStats, balance_loss, cross_entropy
@@ -103,15 +103,19 @@ class _Interval:
         return rec
 
 
-def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or with resume=True continue) the run in `run_dir`; returns the final summary."""
+def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = True,
+          resume_step: int | None = None) -> dict:
+    """Train (or with resume=True continue) the run in `run_dir`; returns the final summary. resume_step: continue
+    from that checkpoint rather than the newest (implies resume)."""
     if tc.threads:
         torch.set_num_threads(tc.threads)
     manifest = read_manifest(tc.data)
-    state = load_latest(run_dir) if resume else None
-    if resume and not os.path.isfile(os.path.join(run_dir, TRAIN_CONFIG)):
-        raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no {TRAIN_CONFIG})")
+    state, resume = None, resume or resume_step is not None
     if resume:
+        if not os.path.isfile(os.path.join(run_dir, TRAIN_CONFIG)):
+            raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no {TRAIN_CONFIG})")
+        # before anything is written: a run whose checkpoints are all damaged fails here, untouched
+        state = load_latest(run_dir, resume_step)
         cfg = ModelConfig.from_pretrained(run_dir)
         tc.save(run_dir)  # the settings this continuation runs with
     else:
@@ -147,11 +151,13 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
         interval.sums = dict(state["interval"]["sums"])
         interval.stats.load_state_dict(state["interval"]["stats"])
         set_rng_state(state["rng"])
-        truncate_metrics(run_dir, step)
-        print(f"resuming {run_dir} from {os.path.basename(path)} (step {step}/{tc.steps})", file=sys.stderr)
+        aside = set_aside_after(run_dir, step)
+        print(f"resuming {run_dir} from {os.path.basename(path)} (step {step}/{tc.steps})"
+              + (f"; what was recorded after step {step} moved to {aside}" if aside else ""), file=sys.stderr)
     elif resume:
-        print(f"no checkpoint in {run_dir} yet: starting from step 0", file=sys.stderr)
-        truncate_metrics(run_dir, 0)
+        aside = set_aside_after(run_dir, 0)
+        print(f"no checkpoint in {run_dir} yet: starting from step 0"
+              + (f"; the records logged so far moved to {aside}" if aside else ""), file=sys.stderr)
     if step == 0:
         counts = cfg.param_counts()
         print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['activated'] / 1e6:.2f}M per token); "
@@ -208,6 +214,21 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
             wall += time.perf_counter() - t0
             if step % tc.save_every == 0 or step == tc.steps or stop:
                 checkpoint()
+    except FloatingPointError as e:  # an exact resume from the newest checkpoint would diverge again, just as here
+        saved = [s for s, _ in list_checkpoints(run_dir)]
+        lower = f"--lr {tc.lr / 2:g}"
+        if saved:
+            back = saved[-2] if len(saved) > 1 else saved[-1]
+            how = (f"Go back to a checkpoint from before the loss rose (metrics.jsonl or `dsv2 plot` shows when) "
+                   f"and continue with a lower learning rate, e.g.\n"
+                   f"    dsv2 train --resume --out {run_dir} --resume-step {back} {lower}\n"
+                   f"(checkpoints at steps {', '.join(map(str, saved))}; what was recorded after the step you "
+                   f"choose is moved to {os.path.join(run_dir, 'superseded')}).")
+        else:
+            how = (f"No checkpoint was written yet: start again with a lower learning rate,\n"
+                   f"    dsv2 train --resume --out {run_dir} {lower}")
+        raise FloatingPointError(f"{e}: training diverged, and resuming as it is would repeat this exactly. {how}\n"
+                                 "A longer --warmup-steps also helps when it happens early.") from None
     finally:
         bar.close()
         for sig, h in handlers.items():
@@ -260,8 +281,7 @@ def train_step(model, opt, moes, batches, tc: TrainConfig, coef, cfg, step: int,
         out["loss"] += loss.item() / tc.grad_accum
         del logits, router_out
     if not math.isfinite(out["loss"]):
-        raise FloatingPointError(f"the loss is {out['loss']} at step {step + 1}: lower --lr or lengthen "
-                                 "--warmup-steps, then continue from the last checkpoint with --resume")
+        raise FloatingPointError(f"the loss is {out['loss']} at step {step + 1}")  # train() says what to do
     out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
     for g in opt.param_groups:
         g["lr"] = lr
