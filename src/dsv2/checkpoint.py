@@ -170,7 +170,7 @@ def validate(cfg: ModelConfig, directory: str) -> dict[str, str]:
     """Check names, shapes and dtypes of every tensor against `cfg` without reading weights; key -> file."""
     files = checkpoint_files(directory)
     headers = {f: read_header(f) for f in sorted(set(files.values()))}
-    _refuse_quantized(directory, files, headers)
+    _refuse_fp8(directory, files, headers)
     expected = expected_keys(cfg)
     missing = [k for k in expected if k not in files]
     if missing:
@@ -192,7 +192,7 @@ def validate(cfg: ModelConfig, directory: str) -> dict[str, str]:
     return files
 
 
-def _refuse_quantized(directory: str, files: dict[str, str], headers: dict[str, dict]) -> None:
+def _refuse_fp8(directory: str, files: dict[str, str], headers: dict[str, dict]) -> None:
     """A block-FP8 checkpoint (DeepSeek-V3's release format) would otherwise fail as 'a different model'."""
     try:
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
@@ -204,15 +204,16 @@ def _refuse_quantized(directory: str, files: dict[str, str], headers: dict[str, 
     fp8 = [k for k in files if headers[files[k]].get(k, {}).get("dtype") in ("F8_E4M3", "F8_E5M2")]
     if not scales and not (fp8 and quant):
         return
-    example = fp8[0] if fp8 else scales[0]
     block = quant.get("weight_block_size") if quant else None
     blocks = f" in {block[0]} x {block[1]} blocks" if isinstance(block, list) and len(block) == 2 else ""
+    stored = (f"{len(fp8)} weight(s) stored as {headers[files[fp8[0]]][fp8[0]]['dtype']}{blocks}, e.g. {fp8[0]!r} "
+              f"in {os.path.basename(files[fp8[0]])}, with " if fp8 else "")
+    scaled = (f"{len(scales)} per-block scale tensor(s) `*.weight_scale_inv`"
+              + (f" (e.g. {scales[0]!r})" if scales else ""))
     said = f"; config.json's quantization_config says {quant.get('quant_method')!r}" if quant else ""
     raise CheckpointError(
-        f"{directory} is a block-FP8 checkpoint (DeepSeek-V3 style): {len(fp8)} weight(s) stored as "
-        f"{headers[files[example]][example]['dtype']}{blocks}, e.g. {example!r} in {os.path.basename(files[example])}, "
-        f"with {len(scales)} per-block scale tensor(s) `*.weight_scale_inv` beside them{said}. dsv2 does not load "
-        "FP8 weights yet. Use the model's bf16 release, or convert these weights to bf16 first (DeepSeek-V3's "
+        f"{directory} is a block-FP8 checkpoint (DeepSeek-V3 style): {stored}{scaled}{said}. dsv2 does not load FP8 "
+        "weights yet. Use the model's bf16 release, or convert these weights to bf16 first (DeepSeek-V3's "
         "inference/fp8_cast_bf16.py does that) and drop quantization_config from config.json.")
 
 

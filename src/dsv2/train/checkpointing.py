@@ -76,7 +76,8 @@ def save_checkpoint(run_dir: str, step: int, state: dict, keep: int) -> str:
         os.remove(old)
         _remove(old + CHECKSUM)
     for name in os.listdir(d):  # what killed saves left: partial temp files, checksums of files never renamed in
-        if name.endswith(STAGING) or name.endswith(CHECKSUM) and not os.path.exists(os.path.join(d, name[:-len(CHECKSUM)])):
+        orphan = name.endswith(CHECKSUM) and not os.path.exists(os.path.join(d, name.removesuffix(CHECKSUM)))
+        if name.endswith(STAGING) or orphan:
             _remove(os.path.join(d, name))
     return path
 
