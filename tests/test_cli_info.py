@@ -22,3 +22,21 @@ def test_info_table_and_errors(tmp_path):
     from dsv2.cli import main
     assert main(["info", os.path.join(REFERENCE, "configs", "DeepSeek-V2")]) == 0
     assert main(["info", str(tmp_path)]) == 1  # no config.json: an error message, not a traceback
+
+
+def test_info_system_shows_the_checked_capability_and_the_kernels_chosen():
+    from dsv2.capability import cpu_capability
+    env = {**os.environ, "DSV2_CPU_CAPABILITY": "avx2"}
+    run = lambda *a, e=None: subprocess.run([sys.executable, "-m", "dsv2.cli", "info", "--system", *a],
+                                            capture_output=True, text=True, check=True, env=e).stdout
+    here = json.loads(run("--json", "--device", "cpu"))
+    cap = cpu_capability()
+    assert here["cpu"]["level"] == cap.level and here["cpu"]["onednn_bf16"] == cap.onednn_bf16
+    assert here["plan"]["weights"] == ("packed" if cap.onednn_bf16 else "upcast" if not cap.fast_bf16 else "plain")
+    assert set(here["cpu"]["reasons"]) >= {"level", "onednn_bf16", "fast_bf16", "int8_gemv"}
+    if cap.is_x86 and cap.level != "default":  # lowered to AVX2: no oneDNN bf16, bf16 weights computed in fp32
+        low = json.loads(run("--json", "--device", "cpu", e=env))
+        assert low["cpu"]["level"] == "avx2" and not low["cpu"]["onednn_bf16"]
+        assert (low["plan"]["weights"], low["plan"]["compute_dtype"]) == ("upcast", "float32")
+    table = run("--device", "cpu", "--quantization", "int8")
+    assert "int8 GEMV kernel" in table and "linear <= 16 rows (decode)" in table and "weights int8" in table

@@ -27,6 +27,34 @@ def test_cache_tensors_and_sizing():
     assert 0 < default_kv_cache_memory("cpu") <= 8 << 30
 
 
+def test_cache_sizing_leaves_room_for_one_steps_activations(monkeypatch):
+    """The default cache is sized from the memory left once the largest step's activations are set aside (a
+    profile forward measures them on CUDA; on CPU they are estimated), and a machine too small for them gets an
+    error that says what to lower instead of an engine that dies at its first long prefill."""
+    from dsv2.capability import inference_plan
+    from dsv2.config import ModelConfig
+    from dsv2.engine.config import EngineConfig
+    from dsv2.engine.kv_cache import size_kv_cache
+    from conftest import REFERENCE
+    cfg = ModelConfig.from_pretrained(f"{REFERENCE}/configs/DeepSeek-V2-Lite")
+    plan = inference_plan("cpu", "bfloat16", cpu_weight_packing=False)
+    engine = EngineConfig(max_num_batched_tokens=2048, max_model_len=32768)
+    act = kv_cache.chunk_activation_bytes(cfg, 2048, 32768, torch.bfloat16)
+    assert act > 2048 * cfg.vocab_size * 4  # at least the logits of a chunk that scores every row
+    ram = 16 << 30
+    monkeypatch.setattr(kv_cache, "_available_ram", lambda: ram)
+    layout = size_kv_cache(cfg, plan, engine)
+    assert layout.activation_bytes == act
+    assert layout.bytes <= (ram - act) // 4 and layout.bytes > (ram - act) // 4 - 27 * 16 * 576 * 2 * 2
+    monkeypatch.setattr(kv_cache, "_available_ram", lambda: act // 2)
+    with pytest.raises(ValueError, match="max_num_batched_tokens or max_model_len"):
+        size_kv_cache(cfg, plan, engine)
+    # a measured profile replaces the estimate of the chunk itself
+    layout = size_kv_cache(cfg, plan, EngineConfig(max_num_batched_tokens=2048, max_model_len=2048),
+                           measured_activations=1 << 20)
+    assert layout.activation_bytes == 1 << 20
+
+
 def test_allocate_free_and_failure_changes_nothing():
     alloc = BlockAllocator(4, BS)
     a, b = Sequence(list(range(10))), Sequence(list(range(100, 107)))

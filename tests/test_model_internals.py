@@ -102,3 +102,34 @@ def test_cpu_packed_weights_give_the_same_logits():
     assert type(model.model.layers[0].self_attn.input_proj).__name__ == "PackedLinear"
     torch.testing.assert_close(packed, plain, rtol=0, atol=0.02 * plain.abs().max().item())
     assert (packed.argmax(-1) == plain.argmax(-1)).float().mean() > 0.97
+
+
+def test_casting_the_model_leaves_the_fp32_router_untouched():
+    """model.to(bf16) casts every weight but the router, which must come out bit for bit (a round trip through
+    bf16 would silently flip near-tie routing decisions)."""
+    model = _model()
+    gate = model.model.layers[1].mlp.gate
+    before = gate.weight.detach().clone()
+    assert not torch.equal(before, before.bfloat16().float())  # the values are not bf16-representable
+    model.to(torch.bfloat16)
+    assert gate.weight.dtype == torch.float32 and torch.equal(gate.weight, before)
+    assert model.model.layers[1].mlp.experts.down_proj.dtype == torch.bfloat16
+    model.to(torch.float32).to(torch.float16)
+    assert torch.equal(gate.weight, before)
+
+
+def test_absorbed_decode_scores_keep_fp32_precision_over_a_long_bf16_context():
+    """attend_latent on bf16 latents must equal the same attention computed in fp32 from those bf16 inputs up to the
+    output's own bf16 rounding: rounding the 2,048 scores to bf16 before the softmax (as decode once did, while
+    prefill's SDPA keeps scores in fp32) would be several times off."""
+    torch.manual_seed(0)
+    attn = _model().model.layers[0].self_attn
+    L, n, W = 2048, 4, 24
+    latent = (torch.randn(2, L, W) * 3).bfloat16()
+    q_abs = (torch.randn(2, n, W) * 3).bfloat16()  # scores of a few tens: what trained models see
+    with torch.no_grad():
+        out = attn.attend_latent(q_abs, latent).float()
+        scores = (q_abs.float() @ latent.float().transpose(-1, -2)) * attn.softmax_scale
+        ref = (scores.softmax(-1) @ latent.float())[..., :attn.rank]
+    rounding = (ref.bfloat16().float() - ref).abs().max()  # what storing the output in bf16 costs alone
+    assert (out - ref).abs().max() <= 2 * rounding

@@ -23,6 +23,11 @@ CASES = {
     "mha-q_greedy_yarn_scale16": dict(q_lora_rank=None, routed_scaling_factor=16.0, rope=YARN),
     "q-lora_group-limited_top1-group": dict(q_lora_rank=24, topk_method="group_limited_greedy", n_group=2,
                                             topk_group=1, num_experts_per_tok=2, rope=YARN),
+    # the reference applies mscale_all_dim to the softmax scale for any scaled rope, not only YaRN
+    "linear-rope_mscale-all-dim": dict(rope={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0,
+                                             "mscale_all_dim": 0.707}),
+    "dynamic-rope_mscale-all-dim": dict(rope={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0,
+                                              "mscale_all_dim": 0.707}, max_position_embeddings=64),
 }
 
 

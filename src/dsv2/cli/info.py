@@ -1,4 +1,11 @@
-"""`dsv2 info PATH`: what a DeepSeek-V2 config describes -- works on a directory holding only config.json."""
+"""`dsv2 info PATH`: what a DeepSeek-V2 config describes -- works on a directory holding only config.json.
+`dsv2 info --system`: what this machine runs fast, and the kernel each kind of matmul gets (dsv2.capability).
+
+    dsv2 info ~/models/DeepSeek-V2-Lite-Chat
+    dsv2 info --system                          # the default plan here: dtype auto, no quantization
+    dsv2 info --system --quantization int8 --json
+    DSV2_CPU_CAPABILITY=avx2 dsv2 info --system # what an AVX2 CPU gets
+"""
 from __future__ import annotations
 
 import json
@@ -13,6 +20,12 @@ def register(sub) -> None:
     p.add_argument("path", nargs="?", default=None,
                    help="model directory or config.json (default: the model shipped with dsv2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--system", action="store_true",
+                   help="describe this machine instead: CPU capability (as checked, not assumed), and the weight "
+                        "format and kernel each kind of matmul gets for --device / --dtype / --quantization")
+    p.add_argument("--device", default=None, help="with --system: cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="with --system: the dtype to plan for (default auto)")
+    p.add_argument("--quantization", default=None, choices=["int8"], help="with --system: plan for int8 weights")
     p.set_defaults(func=run)
 
 
@@ -44,7 +57,48 @@ def describe(path: str) -> dict:
     }
 
 
+def describe_system(device: str | None = None, dtype: str = "auto", quantization: str | None = None) -> dict:
+    import torch
+    from ..capability import cpu_capability, inference_plan
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = {"torch": torch.__version__, "cpu": cpu_capability().as_dict(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        out["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    out["plan"] = inference_plan(device, dtype, quantization).as_dict()
+    return out
+
+
+def run_system(args) -> int:
+    d = describe_system(args.device, args.dtype, args.quantization)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    cpu, plan = d["cpu"], d["plan"]
+    yes = lambda key: ("yes" if cpu[key] else "no") + f": {cpu['reasons'][key]}"
+    rows = [("torch", f"{d['torch']}, {d['threads']} threads"),
+            ("cpu", f"{cpu['arch']}, level {cpu['level']} ({cpu['reasons']['level']})"),
+            ("cpu flags", " ".join(cpu["flags"]) or "(not reported)"),
+            ("oneDNN bf16", yes("onednn_bf16")),
+            ("fast bf16 GEMM", yes("fast_bf16")),
+            ("int8 GEMV kernel", yes("int8_gemv"))]
+    if "cuda" in d:
+        rows.append(("cuda", ", ".join(d["cuda"])))
+    rows.append(("plan", f"{plan['device']}, dtype {args.dtype}"
+                         + (f", {plan['quantization']}" if plan["quantization"] else "")
+                         + (f": weights int8 (embedding, norms, kv_b_proj {plan['weight_dtype']})"
+                            if plan["quantization"] else f": weights {plan['weights']} ({plan['weight_dtype']})")
+                         + f", compute {plan['compute_dtype']}, latent cache {plan['cache_dtype']}"))
+    rows += [(f"  {kind}", kernel) for kind, kernel in plan["kernels"].items()]
+    rows += [("note", n) for n in plan["notes"]]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
 def run(args) -> int:
+    if args.system:
+        return run_system(args)
     path = args.path
     if path is None:
         from ..assets import default_model_path

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import torch
 
+from ..capability import cpu_capability
 from .llm import LLM
 from .sampling_params import SamplingParams
 
@@ -48,8 +49,11 @@ def run_benchmark(llm: LLM, batch: int, context: int, new: int, repeat: int = 1,
             best = (prefill, decode)
     return {
         "batch": batch, "context": context, "new": new, "dtype": str(llm.dtype).removeprefix("torch."),
-        "quantization": llm.quantization,
+        "quantization": llm.quantization, "compute_dtype": str(llm.plan.compute_dtype).removeprefix("torch."),
+        "weights": llm.plan.weights,
         "device": str(llm.device),
+        "system": {"plan": llm.plan.as_dict(),
+                   **({"cpu": cpu_capability().as_dict()} if llm.device.type == "cpu" else {})},
         "prefill_tokens_per_s": best[0], "decode_tokens_per_s": best[1],
         "kv_cache_bytes_per_token": llm.config.kv_cache_bytes_per_token(torch.empty(0, dtype=llm.dtype).element_size()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -17,10 +17,13 @@ import collections
 import hashlib
 import os
 from array import array
+from dataclasses import dataclass
 
 import torch
 
+from ..capability import InferencePlan
 from ..config import ModelConfig
+from .config import EngineConfig
 from .sequence import Sequence
 
 
@@ -68,6 +71,51 @@ def default_kv_cache_memory(device: torch.device | str, activation_bytes: int = 
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * (gpu_memory_utilization or 0.9)) - activation_bytes
     return min((_available_ram() - activation_bytes) // 4, 8 << 30)
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    bytes: int
+    activation_bytes: int  # what was set aside for one step's activations before sizing
+
+
+def size_kv_cache(cfg: ModelConfig, plan: InferencePlan, engine: EngineConfig,
+                  measured_activations: int | None = None) -> CacheLayout:
+    """How many cache blocks to allocate and the longest sequence they allow. The activations of the largest step
+    (measured by a profile forward where possible, else estimated) are set aside before free memory is shared out."""
+    bytes_per_token = cfg.num_hidden_layers * cfg.latent_dim * torch.tensor([], dtype=plan.cache_dtype).element_size()
+    bs = engine.block_size
+    max_len = engine.max_model_len or cfg.max_position_embeddings
+    chunk = min(engine.max_num_batched_tokens, max_len)
+    estimate = chunk_activation_bytes(cfg, chunk, max_len, plan.compute_dtype)
+    activations = estimate if measured_activations is None else \
+        measured_activations + chunk_activation_bytes(cfg, 0, max(0, max_len - chunk), plan.compute_dtype)
+    if engine.kv_cache_memory is None:
+        mem = default_kv_cache_memory(plan.device, activations, engine.gpu_memory_utilization)
+        if mem <= 0:
+            raise ValueError(f"no memory is left for the latent cache once the model and one step's activations "
+                             f"({activations / 2**20:,.0f} MiB for {chunk} tokens) are in place; lower "
+                             "max_num_batched_tokens or max_model_len, or use a smaller dtype or quantization")
+        mem = min(mem, bytes_per_token * engine.max_num_seqs * (max_len + bs))
+    else:
+        mem = engine.kv_cache_memory
+    num_blocks = num_blocks_for_memory(mem, cfg.num_hidden_layers, bs, cfg.latent_dim, plan.cache_dtype)
+    capacity = num_blocks * bs
+    if capacity < bs * 2:
+        raise ValueError(f"kv_cache_memory={mem} bytes holds only {capacity} tokens "
+                         f"({bytes_per_token} bytes per token); give the cache more memory")
+    if engine.max_model_len is None:
+        max_model_len = min(cfg.max_position_embeddings, capacity)
+    elif engine.max_model_len > capacity:
+        raise ValueError(f"max_model_len={engine.max_model_len} needs {engine.max_model_len * bytes_per_token:,} bytes "
+                         f"of latent cache but kv_cache_memory holds {capacity} tokens; raise kv_cache_memory or "
+                         "lower max_model_len")
+    else:
+        max_model_len = engine.max_model_len
+    return CacheLayout(num_blocks, bs, max_model_len, num_blocks * bs * bytes_per_token, activations)
 
 
 def _available_ram() -> int:

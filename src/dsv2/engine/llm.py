@@ -15,17 +15,16 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
-from ..capability import InferencePlan, inference_plan
+from ..capability import inference_plan
 from ..checkpoint import resolve_model_path
-from ..config import ModelConfig
 from ..progress import Progress
 from ..tokenizer import Tokenizer
 from ..units import parse_bytes
-from .kv_cache import BlockAllocator, chunk_activation_bytes, default_kv_cache_memory, num_blocks_for_memory
+from .config import EngineConfig
+from .kv_cache import BlockAllocator, size_kv_cache
 from .outputs import PositionLogprobs, RequestOutput, position_logprobs
 from .prepare import load_for_inference
 from .request import Completion, Request
@@ -34,73 +33,6 @@ from .sampler import Sampler, TokenLogprobs, make_generator, prompt_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """The engine's own settings (what the model runs on is an InferencePlan)."""
-    max_num_seqs: int = 256
-    max_model_len: int | None = None  # None: the model's, capped by what the cache holds
-    max_num_batched_tokens: int = 2048
-    kv_cache_memory: int | None = None  # bytes; None: sized from free memory after a profile of one step
-    gpu_memory_utilization: float | None = None
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len={self.max_model_len}: must be at least 2 (a prompt token and an answer)")
-        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]")
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    num_blocks: int
-    block_size: int
-    max_model_len: int
-    bytes: int
-    activation_bytes: int  # what was set aside for one step's activations before sizing
-
-
-def size_kv_cache(cfg: ModelConfig, plan: InferencePlan, engine: EngineConfig,
-                  measured_activations: int | None = None) -> CacheLayout:
-    """How many cache blocks to allocate and the longest sequence they allow. The activations of the largest step
-    (measured by a profile forward where possible, else estimated) are set aside before free memory is shared out."""
-    bytes_per_token = cfg.num_hidden_layers * cfg.latent_dim * torch.tensor([], dtype=plan.cache_dtype).element_size()
-    bs = engine.block_size
-    max_len = engine.max_model_len or cfg.max_position_embeddings
-    chunk = min(engine.max_num_batched_tokens, max_len)
-    estimate = chunk_activation_bytes(cfg, chunk, max_len, plan.compute_dtype)
-    activations = estimate if measured_activations is None else \
-        measured_activations + chunk_activation_bytes(cfg, 0, max(0, max_len - chunk), plan.compute_dtype)
-    if engine.kv_cache_memory is None:
-        mem = default_kv_cache_memory(plan.device, activations, engine.gpu_memory_utilization)
-        if mem <= 0:
-            raise ValueError(f"no memory is left for the latent cache once the model and one step's activations "
-                             f"({activations / 2**20:,.0f} MiB for {chunk} tokens) are in place; lower "
-                             "max_num_batched_tokens or max_model_len, or use a smaller dtype or quantization")
-        mem = min(mem, bytes_per_token * engine.max_num_seqs * (max_len + bs))
-    else:
-        mem = engine.kv_cache_memory
-    num_blocks = num_blocks_for_memory(mem, cfg.num_hidden_layers, bs, cfg.latent_dim, plan.cache_dtype)
-    capacity = num_blocks * bs
-    if capacity < bs * 2:
-        raise ValueError(f"kv_cache_memory={mem} bytes holds only {capacity} tokens "
-                         f"({bytes_per_token} bytes per token); give the cache more memory")
-    if engine.max_model_len is None:
-        max_model_len = min(cfg.max_position_embeddings, capacity)
-    elif engine.max_model_len > capacity:
-        raise ValueError(f"max_model_len={engine.max_model_len} needs {engine.max_model_len * bytes_per_token:,} bytes "
-                         f"of latent cache but kv_cache_memory holds {capacity} tokens; raise kv_cache_memory or "
-                         "lower max_model_len")
-    else:
-        max_model_len = engine.max_model_len
-    return CacheLayout(num_blocks, bs, max_model_len, num_blocks * bs * bytes_per_token, activations)
 
 
 class LLM:
