@@ -3,9 +3,10 @@
     python benchmarks/load_memory.py /tmp/bench-mini [--dtype bfloat16]
 
 Loads in a fresh process and samples /proc/self/status every millisecond: RssAnon is memory the process owns
-(the model's tensors), RssFile is page cache of the memory-mapped safetensors (shared, reclaimable, dropped once
-the file is closed). The loader streams tensor by tensor into a model allocated once, so RssAnon should peak near
-one copy of the model in the target dtype.
+(the model's tensors, and the one tensor being read), VmRSS adds file-backed pages mapped into the process. The
+loader reads each tensor with plain file I/O (no mmap) into a model allocated once, so RssAnon should peak near one
+copy of the model in the target dtype plus the largest single tensor. The file's page cache belongs to the kernel,
+not to the process, and is not counted in either.
 """
 from __future__ import annotations
 
