@@ -52,6 +52,15 @@ def to_published_format(directory) -> None:
         json.dump(d, f)
 
 
+def naive_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Token by token, full causal forward over everything each time: no cache at all."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 @pytest.fixture
 def tiny_hf(tmp_path):
     return make_hf_model(tmp_path / "tiny")

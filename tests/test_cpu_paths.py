@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import YARN, make_hf_model
+from conftest import YARN, make_hf_model, naive_greedy
 import dsv2
 from dsv2.capability import ENV, CpuCapability, cpu_capability, inference_plan
 from dsv2.engine.llm import LLM
@@ -163,14 +163,6 @@ def test_upcast_model_equals_the_fp32_model_on_the_same_weights(tiny):
     assert default_err.max() <= 0.01 * ref.abs().max() and default_err.mean() <= 0.1 * bf16_err.mean()
 
 
-def _naive_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 PLANS = {  # name -> LLM arguments and a CPU kind to plan for (None: this machine)
     "auto-here": (dict(dtype="auto"), None),
     "auto-avx2": (dict(dtype="auto"), "avx2"),
@@ -205,7 +197,7 @@ def test_engine_on_every_plan_equals_a_full_forward_of_the_same_model(tiny, name
         assert (engine - chosen).abs().max() <= tol, (engine - chosen).abs().max()
         assert (full.max(-1).values - chosen).max() <= tol  # greedy picked the argmax, or a near-tie of it
         if exact:
-            assert c.token_ids == _naive_greedy(llm.model, p, 12)
+            assert c.token_ids == naive_greedy(llm.model, p, 12)
     assert llm.allocator.num_free_blocks == llm.num_blocks
 
 

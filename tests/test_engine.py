@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import YARN, make_hf_model
+from conftest import YARN, make_hf_model, naive_greedy
 from dsv2.engine.llm import LLM
 from dsv2.engine.sampling_params import SamplingParams
-from dsv2.model import Transformer
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -16,15 +15,6 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 def _prompts(lengths, vocab=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def naive_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
-    """Token by token, full causal forward over everything each time: no cache at all."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dsv2
-from conftest import YARN, make_hf_model
+from conftest import YARN, make_hf_model, naive_greedy
 from dsv2.engine.llm import LLM
 from dsv2.engine.sampling_params import SamplingParams
 from dsv2.model.inference import quantize_int8
@@ -68,14 +68,6 @@ def tiny(tmp_path_factory):
     return path
 
 
-def _naive_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 def test_quantized_model_is_close_to_the_original_and_half_the_size(tiny):
     model = dsv2.load_model(tiny)
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -106,13 +98,13 @@ def test_engine_on_int8_weights_equals_naive_loop_on_the_same_weights(tiny, dtyp
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, 128, (n,), generator=g).tolist() for n in (5, 23, 11)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, ignore_eos=True, max_tokens=12))
-    matches = [o.token_ids == _naive_greedy(llm.model, p, 12) for p, o in zip(prompts, outs)]
+    matches = [o.token_ids == naive_greedy(llm.model, p, 12) for p, o in zip(prompts, outs)]
     if dtype == "float32":
         assert all(matches)
     else:  # bf16: decode's GEMV kernel and prefill's matmul round differently; near-ties may flip late tokens
         assert sum(matches) >= 2
         for p, o in zip(prompts, outs):
-            assert o.token_ids[:4] == _naive_greedy(llm.model, p, 4)
+            assert o.token_ids[:4] == naive_greedy(llm.model, p, 4)
     assert llm.allocator.num_free_blocks == llm.num_blocks
 
 
