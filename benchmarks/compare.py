@@ -9,7 +9,18 @@
 Every number comes from a separate process (dsv2 bench, ../shared/bench/hf_bench.py, llama_cpp_bench.py), run one
 after another with 2 threads each, so they share nothing but the machine. --rounds N runs the whole set N times,
 interleaved, and keeps each engine's best prefill and best decode: on a shared machine whose speed drifts, every
-engine gets the same chances. Prints a markdown table with ratios.
+engine gets the same chances. Prints a markdown table with ratios (of the first dsv2 variant).
+
+Several dsv2 configurations in the same run, to decide a default by measurement (the first one is compared):
+    python benchmarks/compare.py /tmp/bench-mini --gguf /tmp/bench-mini.gguf \
+        --variant auto= --variant int8="--quantization int8" --variant fp32="--dtype float32"
+
+Another kind of CPU, emulated on an AVX-512 machine: torch, oneDNN and dsv2 restricted to AVX2 for dsv2 and
+transformers, and llama.cpp from a build without AVX-512 (its python given by --llama-python):
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \
+        /tmp/venv-avx2/bin/pip install --no-binary llama-cpp-python llama-cpp-python
+    python benchmarks/compare.py /tmp/bench-mini --gguf /tmp/bench-mini.gguf --cpu avx2 \
+        --llama-python /tmp/venv-avx2/bin/python --out benchmarks/results/mini-avx2.json
 
 Weight-only int8 against llama.cpp's 8-bit format (the same weights, quantized by each):
     bash ../shared/bench/to_gguf.sh /tmp/bench-mini /tmp/bench-mini-q8_0.gguf q8_0
@@ -20,7 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -62,6 +75,20 @@ def memory_bandwidth_gbs() -> float:
     return 5 * x.numel() * 2 / (time.perf_counter() - t) / 1e9
 
 
+EMULATE = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "DSV2_CPU_CAPABILITY": "avx2"}}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="HF directory made by make_bench_model.py")
@@ -70,25 +97,45 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--repeat", type=int, default=2, help="dsv2 repeats each case and keeps the best (default 2)")
     ap.add_argument("--rounds", type=int, default=1, help="run everything N times, keep each engine's best (default 1)")
-    ap.add_argument("--quantization", default=None, choices=["int8"], help="dsv2 --quantization (default: bf16)")
+    ap.add_argument("--quantization", default=None, choices=["int8"], help="dsv2 --quantization (default: none)")
+    ap.add_argument("--variant", action="append", default=None, metavar="NAME=ARGS",
+                    help="a dsv2 configuration to run (repeatable), e.g. int8='--quantization int8'; the first is the "
+                         "one compared (default: one variant, 'dsv2', with --quantization if given)")
+    ap.add_argument("--cpu", default=None, choices=sorted(EMULATE),
+                    help="emulate another kind of CPU for dsv2 and transformers (environment variables torch, oneDNN "
+                         "and dsv2 honour); give llama.cpp a matching build with --llama-python")
+    ap.add_argument("--llama-python", default=sys.executable, help="the python whose llama_cpp to time")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
-    results = {"model": a.model, "gguf": a.gguf, "threads": a.threads, "rounds": a.rounds,
-               "quantization": a.quantization, "date": time.strftime("%Y-%m-%d %H:%M"), "cases": []}
+    llama_env = dict(env)
+    if a.cpu:
+        env.update(EMULATE[a.cpu])
     quant = ["--quantization", a.quantization] if a.quantization else []
+    variants = [("dsv2", quant)] if not a.variant else \
+        [(v.split("=", 1)[0], shlex.split(v.split("=", 1)[1]) if "=" in v else []) for v in a.variant]
+    engines = [name for name, _ in variants]
+    results = {"model": a.model, "gguf": a.gguf, "threads": a.threads, "rounds": a.rounds,
+               "quantization": a.quantization, "variants": {n: " ".join(v) for n, v in variants},
+               "machine": {"cpu": cpu_name(), "emulated": a.cpu, "llama_python": a.llama_python},
+               "date": time.strftime("%Y-%m-%d %H:%M"), "cases": []}
+    results["machine"]["dsv2_system"] = json.loads(subprocess.run(
+        [sys.executable, "-m", "dsv2.cli", "info", "--system", "--json", "--device", "cpu"], env=env,
+        capture_output=True, text=True, check=True).stdout)["cpu"]
     rows = [{"case": name, "batch": batch, "context": context, "new": new} for name, batch, context, new in CASES]
     for _ in range(a.rounds):
         for row in rows:
             batch, context, new = (str(row[k]) for k in ("batch", "context", "new"))
-            got = {"dsv2": run([sys.executable, "-m", "dsv2.cli", "bench", "--model", a.model, "--batch", batch,
-                                "--context", context, "--new", new, "--repeat", str(a.repeat), *quant, "--json"], env)}
+            got = {}
+            for name, args in variants:
+                got[name] = run([sys.executable, "-m", "dsv2.cli", "bench", "--model", a.model, "--batch", batch,
+                                 "--context", context, "--new", new, "--repeat", str(a.repeat), *args, "--json"], env)
             if not a.skip_hf:
                 got["transformers"] = run([sys.executable, os.path.join(BENCH, "hf_bench.py"), a.model, "--batch",
                                            batch, "--context", context, "--new", new], env)
             if a.gguf and row["batch"] == 1:  # llama_cpp_bench.py runs one sequence
-                got["llama.cpp"] = run([sys.executable, os.path.join(BENCH, "llama_cpp_bench.py"), a.gguf,
-                                        "--context", context, "--new", new, "--threads", str(a.threads)], env)
+                got["llama.cpp"] = run([a.llama_python, os.path.join(BENCH, "llama_cpp_bench.py"), a.gguf,
+                                        "--context", context, "--new", new, "--threads", str(a.threads)], llama_env)
             for engine, rate in got.items():
                 if rate is not None:
                     row.setdefault("all_" + engine, []).append(rate)
@@ -96,6 +143,7 @@ def main():
                     row[engine] = rate if best is None else (max(best[0], rate[0]), max(best[1], rate[1]))
             print(json.dumps(row), file=sys.stderr, flush=True)
     results["cases"] = rows
+    results["engines"] = engines
 
     from dsv2.config import ModelConfig
     cfg = ModelConfig.from_pretrained(a.model)
@@ -112,16 +160,27 @@ def main():
 
 def markdown(r: dict) -> str:
     fmt = lambda v: "-" if v is None else (f"{v:.1f}" if v < 100 else f"{v:.0f}")
-    lines = ["| case | | dsv2 | transformers | llama.cpp | dsv2 / transformers | dsv2 / llama.cpp |",
-             "|---|---|---|---|---|---|---|"]
+    ours = r.get("engines") or ["dsv2"]
+    first = ours[0]
+    m = r.get("machine")
+    lines = []
+    if m:
+        lines += [f"Machine: {m['cpu']}" + (f", emulating {m['emulated']} (dsv2 and transformers restricted through "
+                                             "ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / DSV2_CPU_CAPABILITY, "
+                                             "llama.cpp built without AVX-512)" if m.get("emulated") else ""), ""]
+    names = [*ours, "transformers", "llama.cpp"]
+    lines += ["| case | | " + " | ".join(names) + f" | {first} / transformers | {first} / llama.cpp |",
+              "|---|---|" + "---|" * (len(names) + 2)]
     for c in r["cases"]:
         for i, what in enumerate(("prefill", "decode")):
-            d, h, l = (c.get(k)[i] if c.get(k) else None for k in ("dsv2", "transformers", "llama.cpp"))
+            vals = [c.get(k)[i] if c.get(k) else None for k in names]
+            d, h, l = vals[0], vals[-2], vals[-1]
             ratio = lambda x, y: "-" if x is None or y is None else f"{x / y:.2f}x"
-            lines.append(f"| {c['case']} | {what} tok/s | {fmt(d)} | {fmt(h)} | {fmt(l)} | {ratio(d, h)} | {ratio(d, l)} |")
+            lines.append(f"| {c['case']} | {what} tok/s | " + " | ".join(fmt(v) for v in vals)
+                         + f" | {ratio(d, h)} | {ratio(d, l)} |")
     lines += ["", *targets(r)]
     bw, active = r["measured_read_bandwidth_gbs"], r["active_weight_bytes_per_token"]
-    one = r["cases"][0]["dsv2"]
+    one = r["cases"][0].get(first)
     lines.append("")
     if "peak_rss_mb" in r:
         lines.append(f"dsv2: latent cache {r['kv_cache_bytes_per_token']} bytes per token; peak RSS "
@@ -140,8 +199,10 @@ def targets(r: dict) -> list[str]:
     """The issue's targets, as measured ratios (each needs its inputs to have been measured)."""
     by = {c["case"]: c for c in r["cases"]}
 
+    ours = (r.get("engines") or ["dsv2"])[0]
+
     def get(case, engine, i):
-        v = by.get(case, {}).get(engine)
+        v = by.get(case, {}).get(ours if engine == "dsv2" else engine)
         return None if v is None else v[i]
 
     checks = [  # (target, numerator, denominator, required ratio)
