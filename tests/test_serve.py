@@ -275,6 +275,50 @@ BAD = [  # (path, body, expected status, the field the error names)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
      "top_logprobs"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    # wrong JSON types are refused, not coerced (as OpenAI does); a float field takes an int
+    ("/v1/completions", {"prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4.0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 2.0}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"prompt": "x", "echo": 1}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "temperature": "1"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": True}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "seed": 1.5}, 400, "seed"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": ["1"]}, 400, "stop_token_ids[0]"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": "yes"}}, 400,
+     "stream_options.include_usage"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("/tokenize", {"prompt": "x", "add_special_tokens": "no"}, 400, "add_special_tokens"),
+    # token ids outside the vocabulary, before anything decodes them
+    ("/v1/completions", {"prompt": [5, -1]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [2**70]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[5, 6], [5, -1]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [5, -1], "echo": True, "logprobs": 1, "max_tokens": 0}, 400, "prompt"),
+    # lone UTF-16 surrogates are not text: an escape or raw (json decodes raw ones with surrogatepass)
+    ("/v1/completions", b'{"prompt": "abc\\ud800def"}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": ["ok", "abc\\udfffdef"]}', 400, "prompt[1]"),
+    ("/v1/completions", b'{"prompt": "abc\xed\xa0\x80def"}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "stop": ["\\ud800"]}', 400, "stop[0]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "abc\\ud800def"}]}', 400,
+     "messages[0].content"),
+    ("/tokenize", b'{"prompt": "abc\\ud800def"}', 400, "prompt"),
+    ("/tokenize", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', 400,
+     "messages[0].content[0].text"),
+]
+
+LIMITS = [  # (body, the field the error names, what its message must say): each limit, named with its value
+    ({"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, "stop", ["16", "--max-stop-strings"]),
+    ({"prompt": "x", "stop": "y" * 65}, "stop", ["64", "--max-stop-chars"]),
+    ({"prompt": "x", "stop": ["ok", "y" * 65]}, "stop", ["64", "--max-stop-chars"]),
+    ({"prompt": "x", "stop_token_ids": list(range(257))}, "stop_token_ids", ["256"]),
+    ({"prompt": "x", "logprobs": 21}, "logprobs", ["20"]),
+    ({"prompt": "x", "n": 129}, "n", ["128"]),
+    ({"prompt": [f"p{i}" for i in range(129)], "n": 2, "max_tokens": 1}, "prompt", ["258", "256",
+                                                                                   "--max-seqs-per-request"]),
 ]
 
 
@@ -299,6 +343,17 @@ def test_bad_requests_get_their_status_codes(server):
         assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"].endswith("hello world")
         chat_tok = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
         assert chat_tok["count"] > tok["count"] - 2
+        for body in (b'{"prompt": "\\ud83d\\ude00", "max_tokens": 1}',  # a surrogate pair is an emoji: fine
+                     b'{"prompt": "x", "max_tokens": 1, "temperature": 1, "top_p": 1}'):  # ints for floats
+            assert http.post("/v1/completions", content=body).status_code == 200, body
+        for body, param, words in LIMITS:
+            r = http.post("/v1/completions", json=body)
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == param, (body, r.status_code, err)
+            assert all(w in err["message"] for w in words), (words, err["message"])
+        chat = {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}
+        err = http.post("/v1/chat/completions", json=chat).json()["error"]
+        assert err["param"] == "top_logprobs" and "20" in err["message"], err
     # the API key: missing or wrong -> 401; /health and /metrics need none
     assert httpx.post(server.base + "/v1/completions", json={"prompt": "x"}).status_code == 401
     wrong = httpx.get(server.base + "/v1/models", headers={"Authorization": "Bearer sk-wrong"})
@@ -351,6 +406,9 @@ def test_queue_limit_answers_429_and_no_key_is_needed_without_one(server_b):
         time.sleep(0.05)
     ok = httpx.post(server_b.base + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    # n=2 could never be queued behind --max-waiting 1 (sequences count, not prompts): a 400, not a 429 forever
+    never = httpx.post(server_b.base + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 2})
+    assert never.status_code == 400 and "--max-waiting 1" in never.json()["error"]["message"], never.text
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(server_b):

@@ -31,7 +31,16 @@ def register(sub) -> None:
     s.add_argument("--max-num-seqs", type=int, default=256,
                    help="sequences in the running batch at most (default 256); more wait in the queue")
     s.add_argument("--max-waiting", type=int, default=256,
-                   help="queued requests at most before new ones get 429 + Retry-After (default 256)")
+                   help="sequences queued for the batch at most (a request counts prompts x n) before new requests "
+                        "get 429 + Retry-After (default 256)")
+    s.add_argument("--max-seqs-per-request", type=int, default=256, metavar="N",
+                   help="prompts x n of one request at most; more is a 400 (default 256; a request over "
+                        "--max-waiting could never be queued, so that bounds it too)")
+    s.add_argument("--max-stop-strings", type=int, default=16, metavar="N",
+                   help="stop strings per request at most (default 16; OpenAI allows 4). Every stop string is "
+                        "checked after each token of each sequence: raise it only if your clients need more")
+    s.add_argument("--max-stop-chars", type=int, default=64, metavar="N",
+                   help="characters per stop string at most (default 64)")
     s.add_argument("--max-body-bytes", default="16MiB", metavar="SIZE",
                    help="largest request body accepted; larger gets 413 (default 16MiB)")
     s.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
@@ -59,10 +68,10 @@ def run_serve(args) -> int:
         return 1
     from ..engine.llm import LLM
     from ..units import parse_bytes
-    if args.max_waiting < 1:
-        raise ValueError(f"--max-waiting {args.max_waiting}: must be at least 1")
     config = ServerConfig(model_name=args.served_model_name or served_name(args.model), api_key=args.api_key or None,
-                          max_waiting=args.max_waiting, max_body_bytes=parse_bytes(args.max_body_bytes))
+                          max_waiting=args.max_waiting, max_seqs_per_request=args.max_seqs_per_request,
+                          max_stop_strings=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
+                          max_body_bytes=parse_bytes(args.max_body_bytes))
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, quantization=args.quantization)
     run_server(llm, config, host=args.host, port=args.port, grace=args.shutdown_grace, log_level=args.log_level)

@@ -4,7 +4,8 @@
     from dsv2.serve import ServerConfig, run_server
     run_server(LLM("path/to/model"), ServerConfig(model_name="my-model"), port=8000)
 """
-from .app import ServerConfig, build_app
+from .app import build_app
+from .config import ServerConfig
 from .server import run_server
 
 __all__ = ["ServerConfig", "build_app", "run_server"]

@@ -12,7 +12,6 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -21,10 +20,11 @@ from starlette.responses import JSONResponse, PlainTextResponse
 
 from ..engine.llm import LLM
 from .completions import OpenAIServing
+from .config import ServerConfig, ServerState
 from .engine_loop import EngineLoop
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from .protocol import conversation, parse
+from .protocol import conversation, lone_surrogate, parse
 
 log = logging.getLogger("dsv2.serve")
 
@@ -32,22 +32,6 @@ log = logging.getLogger("dsv2.serve")
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/health",
              "/metrics")
 PUBLIC = ("/health", "/metrics")  # answered without the API key: probes and scrapers carry none
-
-
-@dataclass
-class ServerConfig:
-    model_name: str
-    api_key: str | None = None
-    max_waiting: int = 256  # more waiting requests than this: 429
-    max_body_bytes: int = 16 << 20
-
-
-class ServerState:
-    """What the shutdown logic needs to see: whether we are draining, and how many HTTP requests are open."""
-
-    def __init__(self):
-        self.draining = False
-        self.in_flight = 0
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -115,16 +99,21 @@ async def read_json(request: Request, limit: int):
     if not body:
         raise APIError(400, "the request body is empty; send a JSON object")
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    field = lone_surrogate(body, data)
+    if field is not None:
+        raise APIError(400, f"{field} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                            "not text; send valid Unicode", param=field)
+    return data
 
 
 def build_app(llm: LLM, config: ServerConfig, state: ServerState | None = None) -> FastAPI:
     """The OpenAI-compatible app on `llm`; its lifespan starts and stops the engine thread."""
     metrics = Metrics()
     engine = EngineLoop(llm, metrics)
-    serving = OpenAIServing(llm, engine, config.model_name, config.max_waiting)
+    serving = OpenAIServing(llm, engine, config)
     state = state or ServerState()
     created = int(time.time())
 

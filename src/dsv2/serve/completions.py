@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..engine.llm import LLM
 from ..engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ..engine.sampling_params import SamplingParams
+from .config import ServerConfig
 from .engine_loop import ClientDisconnected, EngineError, EngineLoop, RequestHandle
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, conversation, value_error
 
@@ -43,8 +44,9 @@ def sse(data: dict | str) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, llm: LLM, engine: EngineLoop, model_name: str, max_waiting: int):
-        self.llm, self.engine, self.model_name, self.max_waiting = llm, engine, model_name, max_waiting
+    def __init__(self, llm: LLM, engine: EngineLoop, config: ServerConfig):
+        self.llm, self.engine, self.config = llm, engine, config
+        self.model_name = config.model_name
 
     # ---- shared ------------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -52,12 +54,41 @@ class OpenAIServing:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
+    def check_size(self, num_prompts: int, n: int, stop: str | list[str] | None) -> None:
+        """The per-request limits, before any work: sequences (prompts x n) and stop strings."""
+        cfg = self.config
+        limit, flag = min((cfg.max_seqs_per_request, "--max-seqs-per-request"), (cfg.max_waiting, "--max-waiting"),
+                          key=lambda x: x[0])
+        if num_prompts * n > limit:
+            raise APIError(400, f"this request asks for {num_prompts * n} sequences ({num_prompts} prompt(s) x n={n}); "
+                                f"one request may ask for at most {limit} ({flag} {limit}): send fewer prompts per "
+                                f"request or a smaller n", param="n" if n > limit else "prompt")
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > cfg.max_stop_strings:
+            raise APIError(400, f"stop has {len(stops)} strings; at most {cfg.max_stop_strings} are allowed "
+                                f"(--max-stop-strings {cfg.max_stop_strings})", param="stop")
+        longest = max(stops, key=len, default="")
+        if len(longest) > cfg.max_stop_chars:
+            raise APIError(400, f"a stop string is {len(longest)} characters long; at most {cfg.max_stop_chars} are "
+                                f"allowed (--max-stop-chars {cfg.max_stop_chars})", param="stop")
+
+    def check_queue(self, num_seqs: int) -> None:
+        waiting, limit = self.llm.num_waiting, self.config.max_waiting
+        if waiting + num_seqs > limit:
+            raise APIError(429, f"the server is busy: {waiting} sequences are already waiting and this request adds "
+                                f"{num_seqs} (--max-waiting {limit}); retry shortly", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"})
+
+    def check_token_ids(self, prompts: list[str | list[int]]) -> None:
+        """Token-id prompts inside the vocabulary, before anything decodes them (echo, logprobs)."""
+        vocab = self.llm.config.vocab_size
+        for p in prompts:
+            bad = next((t for t in p if not 0 <= t < vocab), None) if not isinstance(p, str) else None
+            if bad is not None:
+                raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+
     def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str, param: str) -> RequestHandle:
-        waiting = self.llm.num_waiting
-        if waiting + len(prompts) > self.max_waiting:
-            raise APIError(429, f"the server is busy: {waiting} requests are already waiting (--max-waiting "
-                                f"{self.max_waiting}); retry shortly", type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": "1"})
+        self.check_queue(len(prompts) * params.n)
         try:
             return self.engine.submit([(ids, params) for ids in prompts], request_id)
         except ValueError as e:
@@ -102,6 +133,9 @@ class OpenAIServing:
         req.check()
         self.check_model(req.model)
         raw = req.prompts()
+        self.check_size(len(raw), req.n, req.stop)
+        self.check_queue(len(raw) * req.n)
+        self.check_token_ids(raw)
         prompts = [self.need_tokenizer("a text prompt").encode(p) if isinstance(p, str) else list(p) for p in raw]
         texts = [p if isinstance(p, str) else None for p in raw]
         score_only = req.max_tokens == 0
@@ -171,6 +205,8 @@ class OpenAIServing:
     async def chat(self, request, req: ChatCompletionRequest) -> Response:
         req.check()
         self.check_model(req.model)
+        self.check_size(1, req.n, req.stop)
+        self.check_queue(req.n)
         tok = self.need_tokenizer("chat")
         try:
             ids = tok.apply_chat_template(conversation(req.messages), add_generation_prompt=True, tokenize=True)

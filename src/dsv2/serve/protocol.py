@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from ..engine.sampling_params import (GENERATION_CONFIG_KNOBS, MAX_LOGPROBS, SamplingParams,
                                       with_generation_defaults)
 
+MAX_STOP_TOKEN_IDS = 256  # each is looked up after every token; a vocabulary's special tokens fit many times over
+
 
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with `status`."""
@@ -32,8 +34,52 @@ def parse(model: type[BaseModel], data: Any) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or None
+        field = _field(err["loc"], data, missing=err["type"] == "missing")
         raise APIError(400, f"{field}: {err['msg']}" if field else err["msg"], param=field) from None
+
+
+def _field(loc: tuple, data: Any, missing: bool) -> str | None:
+    """`messages[0].content` from a pydantic error location. The location also holds the union member tried
+    (`stop.str`, `content.list[ContentPart]`): a part names a field only where it indexes the body (or is the
+    missing key itself)."""
+    path, value = [], data
+    for i, p in enumerate(loc):
+        if isinstance(p, int) and isinstance(value, list) and 0 <= p < len(value):
+            path.append(f"[{p}]")
+            value = value[p]
+        elif isinstance(p, str) and isinstance(value, dict) and p in value:
+            path.append(f".{p}")
+            value = value[p]
+        elif missing and i == len(loc) - 1:
+            path.append(f".{p}")
+    return "".join(path).lstrip(".") or None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# where a decoded body can have gotten one: a \uD800-\uDFFF escape, or raw UTF-8 of one (json.loads decodes bytes
+# with surrogatepass); a pair (an emoji written as two escapes) matches too and is then found valid
+_SURROGATE_SOURCE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def lone_surrogate(body: bytes, data: Any) -> str | None:
+    """The field (`messages[0].content`) of the first string in the decoded `data` that holds a lone UTF-16
+    surrogate -- not Unicode text, and nothing downstream (tokenizer, UTF-8 output) can take it; None if none does.
+    `body` (the raw bytes) is scanned first, so ordinary bodies cost one regex pass."""
+    if not _SURROGATE_SOURCE.search(body):
+        return None
+    stack = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            for k, v in reversed(value.items()):
+                key = ascii(k)[1:-1] if _SURROGATE.search(k) else k
+                stack.append((f"{path}.{key}" if path else key, v))
+        elif isinstance(value, list):
+            stack += ((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 def value_error(e: ValueError, param: str | None = None) -> APIError:
@@ -48,8 +94,9 @@ def value_error(e: ValueError, param: str | None = None) -> APIError:
 
 
 class _Body(BaseModel):
-    # Unknown fields are ignored (clients send `user`, `metadata`, ...); NaN / Infinity are refused.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Unknown fields are ignored (clients send `user`, `metadata`, ...); NaN / Infinity are refused. Strict types, as
+    # OpenAI checks them: "10", 4.0 or true for an integer is a 400, not a 10, 4 or 1 (an int is a fine float).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Body):
@@ -77,7 +124,7 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
 
     @property
     def include_usage(self) -> bool:

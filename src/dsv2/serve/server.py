@@ -14,7 +14,8 @@ import time
 import uvicorn
 
 from ..engine.llm import LLM
-from .app import ServerConfig, ServerState, build_app
+from .app import build_app
+from .config import ServerConfig, ServerState
 
 ABORT_WAIT_S = 5.0  # after aborting, how long aborted responses get to end before uvicorn takes over
 
