@@ -7,11 +7,15 @@ prompt is still a legal one), a 2 s body timeout and a 1 s shutdown grace. Its l
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 
 import httpx
 import pytest
 
-from test_serve import Server
+from dsv2.engine.llm import LLM
+from test_serve import Server, _free_port
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,6 @@ def _open_stream(http: httpx.Client, n: int = 1, max_tokens: int = 2000):
 
 
 def _wait_idle(server: Server) -> None:
-    import time
     deadline = time.monotonic() + 10
     while (m := server.metrics())["dsv2_kv_cache_used_blocks"] or m["dsv2_num_requests_waiting"]:
         assert time.monotonic() < deadline, f"the server did not go idle: {m}"
@@ -62,3 +65,84 @@ def test_admission_counts_sequences_and_bounds_each_request(server_c):
         waiting.close()
         running.close()
     _wait_idle(server_c)
+
+
+def _raw(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    return sock
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length body: (status, headers lower-cased, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"the server closed the connection mid-response: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((k.strip().lower(), v.strip()) for k, _, v in (l.partition(":") for l in lines[1:]))
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def _request(path: str, body: bytes | None = None) -> bytes:
+    if body is None:
+        return f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+class BrokenLLM(LLM):
+    """An engine with a bug: any request it is given raises."""
+
+    def add_request(self, *args, **kwargs):
+        raise RuntimeError("a bug in the engine")
+
+
+def test_a_500_leaves_the_client_a_usable_connection(llm_dir):
+    """An unexpected error is a 500 in OpenAI's shape; the keep-alive connection it came on either stays usable or
+    the response says Connection: close, so the client's next request does not fail on a dead connection."""
+    import uvicorn
+
+    from dsv2.serve import ServerConfig, build_app
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(BrokenLLM(llm_dir, dtype="float32"), ServerConfig("m")),
+                                           host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the in-process server did not start"
+            time.sleep(0.02)
+        with _raw(port) as sock:
+            sock.sendall(_request("/v1/completions", b'{"prompt": [5, 6], "max_tokens": 1}'))
+            status, headers, body = _read_response(sock)
+            assert status == 500 and json.loads(body)["error"]["type"] == "server_error", body
+            if headers.get("connection", "").lower() != "close":  # then it must still work
+                sock.sendall(_request("/health"))
+                assert _read_response(sock)[0] == 200
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'dsv2_http_requests_total{endpoint="/v1/completions",status="500"} 1' in metrics
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(server_c):
+    key = 'dsv2_http_requests_total{endpoint="/v1/completions",status="499"}'
+    before = server_c.metrics().get(key, 0)
+    with _raw(server_c.port) as sock:
+        sock.sendall(_request("/v1/completions", b'{"prompt": "abc", "max_tokens": 1}' + b" " * 1000)[:-900])
+    deadline = time.monotonic() + 10
+    while (m := server_c.metrics()).get(key, 0) == before:
+        assert not any('status="5' in k for k in m), m
+        assert time.monotonic() < deadline, f"the hang-up was not counted: {m}"
+        time.sleep(0.05)
+    assert m[key] == before + 1 and not any('status="5' in k for k in m), m

@@ -64,7 +64,7 @@ class _Gate:
             return await self.app(scope, receive, send)
         path = scope["path"]
         endpoint = path if path in ENDPOINTS else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
-        status = 500
+        status = None
 
         async def send_status(message):
             nonlocal status
@@ -79,23 +79,39 @@ class _Gate:
                 await error_response(refusal)(scope, receive, send_status)
             else:
                 await self.app(scope, receive, send_status)
+        except Exception as e:
+            if status is not None:  # mid-stream: uvicorn cuts the connection, the client sees a broken response
+                raise
+            # Answered here, not by an exception handler: Starlette re-raises after those, and uvicorn then drops
+            # the keep-alive connection under the client's next request. Connection: close says so up front.
+            log.exception("unhandled error on %s", path)
+            await error_response(APIError(500, f"internal error ({type(e).__name__}); the server log has the "
+                                               "details, please report it", type="server_error",
+                                          headers={"Connection": "close"}))(scope, receive, send_status)
         finally:
             self.state.in_flight -= 1
-            self.metrics.http_requests.inc(endpoint, str(status))
+            self.metrics.http_requests.inc(endpoint, str(status or 500))
 
 
 async def read_json(request: Request, limit: int):
-    """The body as JSON, refusing more than `limit` bytes whether announced (Content-Length) or streamed."""
+    """The body as JSON, refusing more than `limit` bytes whether announced (Content-Length) or streamed. A client
+    that hangs up before the end of it is a 499 (nginx's "client closed request"), not a server error."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise APIError(413, f"the request body is {int(length)} bytes; the limit is {limit} (--max-body-bytes)",
                        code="request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise APIError(499, f"the client closed the connection after {len(body)} bytes of the body",
+                           code="client_closed")
+        body += message.get("body", b"")
         if len(body) > limit:
             raise APIError(413, f"the request body is over the limit of {limit} bytes (--max-body-bytes)",
                            code="request_too_large")
+        if not message.get("more_body", False):
+            break
     if not body:
         raise APIError(400, "the request body is empty; send a JSON object")
     try:
@@ -135,11 +151,6 @@ def build_app(llm: LLM, config: ServerConfig, state: ServerState | None = None) 
     async def http_error(request, e: StarletteHTTPException):
         detail = e.detail if e.status_code != 404 else f"no route {request.method} {request.url.path}"
         return error_response(APIError(e.status_code, str(detail), headers=getattr(e, "headers", None)))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request, e: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
 
     @app.get("/health")
     async def health():
