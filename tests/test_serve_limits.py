@@ -22,7 +22,7 @@ from test_serve import Server, _free_port
 def server_c(llm_dir, tmp_path_factory):
     s = Server(llm_dir, tmp_path_factory.mktemp("serve") / "c.log", "--max-num-seqs", "1", "--max-waiting", "4",
                "--max-seqs-per-request", "3", "--max-model-len", "320000", "--kv-cache-memory", "96MiB",
-               env={"DSV2_API_KEY": ""})
+               "--body-timeout", "2", env={"DSV2_API_KEY": ""})
     yield s
     s.stop()
     assert "Traceback" not in s.output(), s.output()
@@ -146,3 +146,15 @@ def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(server_c):
         assert time.monotonic() < deadline, f"the hang-up was not counted: {m}"
         time.sleep(0.05)
     assert m[key] == before + 1 and not any('status="5' in k for k in m), m
+
+
+def test_a_body_that_stalls_gets_408_and_its_connection_closed(server_c):
+    """--body-timeout 2: the headers and part of the body arrive, then nothing more."""
+    with _raw(server_c.port) as sock:  # a 30 s socket timeout: a server that waits forever fails the test
+        sock.sendall(_request("/v1/completions", b'{"prompt": "abc", "max_tokens": 1}')[:-10])
+        status, headers, body = _read_response(sock)
+        err = json.loads(body)["error"]
+        assert status == 408 and headers.get("connection") == "close", (status, headers)
+        assert err["code"] == "request_timeout" and "--body-timeout" in err["message"], err
+        assert sock.recv(1) == b""  # and the server closed the connection
+    assert server_c.metrics()['dsv2_http_requests_total{endpoint="/v1/completions",status="408"}'] == 1

@@ -43,6 +43,9 @@ def register(sub) -> None:
                    help="characters per stop string at most (default 64)")
     s.add_argument("--max-body-bytes", default="16MiB", metavar="SIZE",
                    help="largest request body accepted; larger gets 413 (default 16MiB)")
+    s.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a request body may stall between two reads before the request gets 408 and its "
+                        "connection is closed (default 30, as nginx's client_body_timeout)")
     s.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds the requests in flight get to finish before they are aborted "
                         "(default 30)")
@@ -71,7 +74,7 @@ def run_serve(args) -> int:
     config = ServerConfig(model_name=args.served_model_name or served_name(args.model), api_key=args.api_key or None,
                           max_waiting=args.max_waiting, max_seqs_per_request=args.max_seqs_per_request,
                           max_stop_strings=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
-                          max_body_bytes=parse_bytes(args.max_body_bytes))
+                          max_body_bytes=parse_bytes(args.max_body_bytes), body_timeout=args.body_timeout)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, quantization=args.quantization)
     run_server(llm, config, host=args.host, port=args.port, grace=args.shutdown_grace, log_level=args.log_level)

@@ -7,6 +7,7 @@ body too large 413, queue full 429 (with Retry-After); while draining for shutdo
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -93,16 +94,24 @@ class _Gate:
             self.metrics.http_requests.inc(endpoint, str(status or 500))
 
 
-async def read_json(request: Request, limit: int):
-    """The body as JSON, refusing more than `limit` bytes whether announced (Content-Length) or streamed. A client
-    that hangs up before the end of it is a 499 (nginx's "client closed request"), not a server error."""
+async def read_json(request: Request, config: ServerConfig):
+    """The body as JSON, refusing more than --max-body-bytes whether announced (Content-Length) or streamed, and a
+    body that stalls for --body-timeout seconds between two reads (408; the connection closes, since the rest of
+    the body may still come). A client that hangs up before the end of it is a 499 (nginx's "client closed
+    request"), not a server error."""
+    limit, timeout = config.max_body_bytes, config.body_timeout
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise APIError(413, f"the request body is {int(length)} bytes; the limit is {limit} (--max-body-bytes)",
                        code="request_too_large")
     body = bytearray()
     while True:
-        message = await request.receive()
+        try:
+            message = await asyncio.wait_for(request.receive(), timeout)
+        except TimeoutError:
+            raise APIError(408, f"the request body stalled: nothing arrived for {timeout:g} s after {len(body)} "
+                                f"bytes (--body-timeout); send the body without pausing", code="request_timeout",
+                           headers={"Connection": "close"}) from None
         if message["type"] == "http.disconnect":
             raise APIError(499, f"the client closed the connection after {len(body)} bytes of the body",
                            code="client_closed")
@@ -177,17 +186,17 @@ def build_app(llm: LLM, config: ServerConfig, state: ServerState | None = None) 
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
+        req = parse(CompletionRequest, await read_json(request, config))
         return await serving.completions(request, req)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse(ChatCompletionRequest, await read_json(request, config.max_body_bytes))
+        req = parse(ChatCompletionRequest, await read_json(request, config))
         return await serving.chat(request, req)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        req = parse(TokenizeRequest, await read_json(request, config.max_body_bytes))
+        req = parse(TokenizeRequest, await read_json(request, config))
         serving.check_model(req.model)
         tok = serving.need_tokenizer("tokenize")
         if (req.prompt is None) == (req.messages is None):
@@ -204,7 +213,7 @@ def build_app(llm: LLM, config: ServerConfig, state: ServerState | None = None) 
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        req = parse(DetokenizeRequest, await read_json(request, config.max_body_bytes))
+        req = parse(DetokenizeRequest, await read_json(request, config))
         serving.check_model(req.model)
         tok = serving.need_tokenizer("detokenize")
         bad = [t for t in req.tokens if not 0 <= t < tok.vocab_size]
