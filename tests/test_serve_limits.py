@@ -14,7 +14,9 @@ import time
 import httpx
 import pytest
 
+from conftest import stdlib_text
 from dsv2.engine.llm import LLM
+from dsv2.tokenizer import Tokenizer
 from test_serve import Server, _free_port
 
 
@@ -158,3 +160,69 @@ def test_a_body_that_stalls_gets_408_and_its_connection_closed(server_c):
         assert err["code"] == "request_timeout" and "--body-timeout" in err["message"], err
         assert sock.recv(1) == b""  # and the server closed the connection
     assert server_c.metrics()['dsv2_http_requests_total{endpoint="/v1/completions",status="408"}'] == 1
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+
+
+def _in_background(fn):
+    """Run fn() on a thread; returns (thread, result dict that gets "value" or "error")."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except Exception as e:  # the test thread asserts on it
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_a_prompt_far_too_long_is_refused_before_it_is_tokenized(server_c):
+    """15 MB of code (under the 16 MiB body limit) was tokenized on the event loop: /health and every stream
+    stalled for ~30 s and the server's RSS grew by 1.6 GB for good. Now: a 400 at once, /health answers all along."""
+    text = ("".join(stdlib_text(200, 100_000)) * 4)[:15_000_000]
+    body = json.dumps({"prompt": text, "max_tokens": 1}).encode()
+    assert len(body) < 16 << 20
+    rss = _rss_mb(server_c.proc.pid)
+    thread, result = _in_background(lambda: httpx.post(server_c.base + "/v1/completions", content=body, timeout=20))
+    with httpx.Client(base_url=server_c.base, timeout=10) as http:
+        while thread.is_alive():
+            assert http.get("/health").status_code == 200
+            time.sleep(0.01)
+    r = result.get("value") or result["error"]
+    assert isinstance(r, httpx.Response), f"the huge prompt took too long: {r!r}"
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt", err
+    assert "320000" in err["message"], err
+    chat = json.dumps({"messages": [{"role": "user", "content": text}]}).encode()
+    r = httpx.post(server_c.base + "/v1/chat/completions", content=chat, timeout=20)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "messages", err
+    deadline = time.monotonic() + 10
+    while _rss_mb(server_c.proc.pid) > rss + 400:  # what the request took is given back
+        assert time.monotonic() < deadline, f"RSS {_rss_mb(server_c.proc.pid):.0f} MB, {rss:.0f} MB before"
+        time.sleep(0.1)
+
+
+def test_health_answers_while_a_large_legal_prompt_is_tokenized(server_c, llm_dir):
+    """~290k tokens of code: it fits server C's context of 320000, so all of it is tokenized -- on a worker thread,
+    while the event loop answers /health (it answered none while the loop tokenized). /tokenize, so that the engine
+    need not prefill it; the ids are the offline tokenizer's."""
+    text = "".join(stdlib_text(200, 100_000))[:530_000]
+    expected = Tokenizer.from_pretrained(llm_dir).encode(text)
+    assert 200_000 < len(expected) <= 320_000
+    thread, result = _in_background(
+        lambda: httpx.post(server_c.base + "/tokenize", json={"prompt": text}, timeout=60))
+    answered = 0
+    with httpx.Client(base_url=server_c.base, timeout=10) as http:
+        while thread.is_alive():
+            assert http.get("/health").status_code == 200
+            answered += thread.is_alive()
+    r = result.get("value") or result["error"]
+    assert r.status_code == 200 and r.json()["tokens"] == expected
+    assert answered >= 10, f"/health answered only {answered} times while the prompt was tokenized"

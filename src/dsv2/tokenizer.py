@@ -6,6 +6,7 @@ tokenizer_config.json (special tokens, add_bos_token, chat template), and a stre
     detok = IncrementalDetokenizer(tok, prompt_ids=prompt)
     for t in generated: print(detok.add(t), end="")
 """
+import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,8 @@ DEEPSEEK_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 ROLES = ("system", "user", "assistant")
+# pre-tokenizers that keep every character of the text (unless told to remove some: "behavior": "Removed")
+KEEPS_TEXT = ("ByteLevel", "Split", "Digits", "Punctuation")
 
 
 def _read_json(path: str) -> dict:
@@ -115,10 +118,53 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; prepends bos when add_bos_token, unless the text already starts with it."""
-        ids = self._tok.encode(text).ids
+        return self._with_bos(self._tok.encode(text).ids, add_special_tokens)
+
+    def _with_bos(self, ids: list[int], add_special_tokens: bool) -> list[int]:
         if add_special_tokens and self.add_bos_token and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids
         return ids
+
+    def encode_within(self, text: str, limit: int, add_special_tokens: bool = True) -> list[int] | None:
+        """encode(text) if that is at most `limit` tokens, else None -- found without tokenizing all of a text that
+        is far too long: by its length (see max_token_chars), else by a prefix whose whole words alone are over the
+        limit (each prefix twice the last, so at most twice the work of a text that fits). Tokenizes with the GIL
+        released: on a worker thread it leaves an event loop free."""
+        span = self.max_token_chars
+        if span is not None and len(text) > limit * span:
+            return None
+        margin = self._longest_token + 2  # words this close to a cut may end differently in the whole text
+        cut = 4 * limit + margin
+        while cut < len(text):
+            prefix = self._tok.encode_batch([text[:cut]], add_special_tokens=False)[0]
+            if _tokens_of_whole_words(prefix, cut - margin) > limit:
+                return None
+            cut *= 2
+        ids = self._tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        ids = self._with_bos(ids, add_special_tokens)
+        return ids if len(ids) <= limit else None
+
+    @functools.cached_property
+    def _longest_token(self) -> int:
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)))
+
+    @functools.cached_property
+    def max_token_chars(self) -> int | None:
+        """The most characters of text one token can stand for, so that a text of L characters has at least
+        L / max_token_chars tokens -- where the tokenizer keeps every character and each token's string is at least
+        as long as the text it covers: byte-level BPE (a token's string has a character per byte, a byte is at most
+        a character), no normalizer, no pre-tokenizer that drops text and no added token that swallows the spaces
+        around it. DeepSeek's tokenizers and dsv2's own are such. None for any other."""
+        state = lambda part: json.loads(part.__getstate__()) if part is not None else None  # noqa: E731
+        if state(self._tok.normalizer) not in (None, {"type": "Sequence", "normalizers": []}):
+            return None
+        pre = state(self._tok.pre_tokenizer) or {}
+        parts = pre.get("pretokenizers", [pre])
+        if (type(self._tok.model).__name__ != "BPE" or not any(p.get("type") == "ByteLevel" for p in parts)
+                or any(p.get("type") not in KEEPS_TEXT or p.get("behavior") == "Removed" for p in parts)
+                or any(t.lstrip or t.rstrip for t in self._tok.get_added_tokens_decoder().values())):
+            return None
+        return self._longest_token
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -154,6 +200,17 @@ class Tokenizer:
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                                      pad_token=self.pad_token or "", **extra)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _tokens_of_whole_words(encoding, end: int) -> int:
+    """How many leading tokens of `encoding` belong to words (pre-tokens) that end before character `end`: exactly
+    the tokens the whole text starts with, when `end` is far enough from where the encoded prefix was cut. 0 when
+    that character is in no token (a tokenizer that drops it), which only makes the caller look further."""
+    i = encoding.char_to_token(end)
+    if i is None:
+        return 0
+    word = encoding.token_to_word(i)
+    return i if word is None else encoding.word_to_tokens(word)[0]
 
 
 class IncrementalDetokenizer:

@@ -14,7 +14,6 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-import jinja2
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -23,6 +22,7 @@ from ..engine.llm import LLM
 from .completions import OpenAIServing
 from .config import ServerConfig, ServerState
 from .engine_loop import EngineLoop
+from .prompts import tokenize_chat, tokenize_texts
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .protocol import conversation, lone_surrogate, parse
@@ -202,14 +202,13 @@ def build_app(llm: LLM, config: ServerConfig, state: ServerState | None = None) 
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "send either prompt (text) or messages (a chat), not both or neither",
                            param="prompt")
+        # as vLLM does, /tokenize takes what could be a prompt: at most max_model_len tokens
+        n = llm.max_model_len
         if req.prompt is not None:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            [ids] = await tokenize_texts(tok, [req.prompt], n, n, add_special_tokens=req.add_special_tokens)
         else:
-            try:
-                ids = tok.apply_chat_template(conversation(req.messages), req.add_generation_prompt, tokenize=True)
-            except (ValueError, jinja2.TemplateError) as e:
-                raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-        return {"tokens": ids, "count": len(ids), "max_model_len": llm.max_model_len}
+            ids = await tokenize_chat(tok, conversation(req.messages), n, n, req.add_generation_prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": n}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):

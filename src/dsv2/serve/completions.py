@@ -9,7 +9,6 @@ import json
 import time
 import uuid
 
-import jinja2
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.llm import LLM
@@ -17,6 +16,7 @@ from ..engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from .config import ServerConfig
 from .engine_loop import ClientDisconnected, EngineError, EngineLoop, RequestHandle
+from .prompts import prompt_limit, tokenize_chat, tokenize_texts
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, conversation, value_error
 
 MIN_LOGPROB = -9999.0  # JSON has no -Infinity
@@ -136,12 +136,17 @@ class OpenAIServing:
         self.check_size(len(raw), req.n, req.stop)
         self.check_queue(len(raw) * req.n)
         self.check_token_ids(raw)
-        prompts = [self.need_tokenizer("a text prompt").encode(p) if isinstance(p, str) else list(p) for p in raw]
-        texts = [p if isinstance(p, str) else None for p in raw]
         score_only = req.max_tokens == 0
         params = req.sampling_params(
             self.llm.generation_defaults, max_tokens=1 if score_only else req.max_tokens, logprobs=req.logprobs,
             prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
+        if isinstance(raw[0], str):  # all text or all token ids
+            max_model_len = self.llm.max_model_len
+            prompts = await tokenize_texts(self.need_tokenizer("a text prompt"), raw,
+                                           prompt_limit(max_model_len, params.max_tokens), max_model_len)
+        else:
+            prompts = [list(p) for p in raw]
+        texts = [p if isinstance(p, str) else None for p in raw]
         fmt = _CompletionFormat(self, req, prompts, texts, score_only)
         rid = f"cmpl-{uuid.uuid4().hex}"
         handle = self.submit(prompts, params, rid, "prompt")
@@ -208,13 +213,12 @@ class OpenAIServing:
         self.check_size(1, req.n, req.stop)
         self.check_queue(req.n)
         tok = self.need_tokenizer("chat")
-        try:
-            ids = tok.apply_chat_template(conversation(req.messages), add_generation_prompt=True, tokenize=True)
-        except (ValueError, jinja2.TemplateError) as e:
-            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.sampling_params(self.llm.generation_defaults, max_tokens=max_tokens,
                                      logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        max_model_len = self.llm.max_model_len
+        ids = await tokenize_chat(tok, conversation(req.messages), prompt_limit(max_model_len, max_tokens),
+                                  max_model_len)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handle = self.submit([ids], params, rid, "messages")
         head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name}
