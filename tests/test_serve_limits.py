@@ -7,11 +7,14 @@ prompt is still a legal one), a 2 s body timeout and a 1 s shutdown grace. Its l
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 from conftest import stdlib_text
@@ -24,7 +27,7 @@ from test_serve import Server, _free_port
 def server_c(llm_dir, tmp_path_factory):
     s = Server(llm_dir, tmp_path_factory.mktemp("serve") / "c.log", "--max-num-seqs", "1", "--max-waiting", "4",
                "--max-seqs-per-request", "3", "--max-model-len", "320000", "--kv-cache-memory", "96MiB",
-               "--body-timeout", "2", env={"DSV2_API_KEY": ""})
+               "--body-timeout", "2", "--shutdown-grace", "1", env={"DSV2_API_KEY": ""})
     yield s
     s.stop()
     assert "Traceback" not in s.output(), s.output()
@@ -226,3 +229,29 @@ def test_health_answers_while_a_large_legal_prompt_is_tokenized(server_c, llm_di
     r = result.get("value") or result["error"]
     assert r.status_code == 200 and r.json()["tokens"] == expected
     assert answered >= 10, f"/health answered only {answered} times while the prompt was tokenized"
+
+
+def test_work_cut_by_shutdown_is_an_error_not_a_finish_reason(server_c, llm_dir):
+    """Runs last on server C: it ends the process. Past --shutdown-grace (1 s) what still runs is aborted. No
+    client knows finish_reason "abort": a started stream ends with an error event (the openai client raises), a
+    non-streaming request gets 503 shutting_down (which the openai client retries, on another replica)."""
+    client = openai.OpenAI(base_url=server_c.base + "/v1", api_key="none", max_retries=0)
+    stream = client.chat.completions.create(model=os.path.basename(llm_dir), max_tokens=5000, stream=True,
+                                            messages=[{"role": "user", "content": "Tell a long story"}],
+                                            extra_body={"ignore_eos": True})
+    assert next(stream).choices[0].delta.role == "assistant"
+    thread, result = _in_background(lambda: httpx.post(  # waits behind the stream (--max-num-seqs 1)
+        server_c.base + "/v1/completions", json={"prompt": "x", "max_tokens": 5000, "ignore_eos": True}, timeout=60))
+    deadline = time.monotonic() + 10
+    while server_c.metrics()["dsv2_num_requests_waiting"] < 1:
+        assert time.monotonic() < deadline, "the second request did not queue"
+        time.sleep(0.02)
+    server_c.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(openai.APIError) as cut:
+        for chunk in stream:
+            assert all(c.finish_reason is None for c in chunk.choices), chunk
+    assert cut.value.code == "shutting_down" and "shutting down" in cut.value.message, cut.value.body
+    thread.join(timeout=60)
+    r = result["value"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    assert server_c.proc.wait(timeout=30) == 0, server_c.output()

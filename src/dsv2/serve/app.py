@@ -138,8 +138,8 @@ def build_app(llm: LLM, config: ServerConfig, state: ServerState | None = None) 
     """The OpenAI-compatible app on `llm`; its lifespan starts and stops the engine thread."""
     metrics = Metrics()
     engine = EngineLoop(llm, metrics)
-    serving = OpenAIServing(llm, engine, config)
     state = state or ServerState()
+    serving = OpenAIServing(llm, engine, config, state)
     created = int(time.time())
 
     @asynccontextmanager

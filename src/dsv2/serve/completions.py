@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..engine.llm import LLM
 from ..engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ..engine.sampling_params import SamplingParams
-from .config import ServerConfig
+from .config import ServerConfig, ServerState
 from .engine_loop import ClientDisconnected, EngineError, EngineLoop, RequestHandle
 from .prompts import prompt_limit, tokenize_chat, tokenize_texts
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, conversation, value_error
@@ -44,8 +44,8 @@ def sse(data: dict | str) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, llm: LLM, engine: EngineLoop, config: ServerConfig):
-        self.llm, self.engine, self.config = llm, engine, config
+    def __init__(self, llm: LLM, engine: EngineLoop, config: ServerConfig, state: ServerState):
+        self.llm, self.engine, self.config, self.state = llm, engine, config, state
         self.model_name = config.model_name
 
     # ---- shared ------------------------------------------------------------------------------------------------
@@ -93,6 +93,21 @@ class OpenAIServing:
             return self.engine.submit([(ids, params) for ids in prompts], request_id)
         except ValueError as e:
             raise value_error(e, param) from None
+
+    def cut_short(self) -> APIError:
+        """The answer for work the engine aborted while its client still listened: the shutdown's, past
+        --shutdown-grace (or a sequence the cache can never hold). No OpenAI client knows finish_reason "abort", so
+        it is an error: a 503 the openai client retries (on another replica), or a stream's last event, on which it
+        raises."""
+        if self.state.draining:
+            return APIError(503, "the server is shutting down and stopped this request before it finished; retry it "
+                                 "on another replica", type="server_error", code="shutting_down",
+                            headers={"Connection": "close"})
+        return APIError(500, "the engine stopped this request before it finished", type="server_error")
+
+    @staticmethod
+    def _aborted(outputs) -> bool:
+        return any(c.finish_reason == "abort" for out in outputs for c in out.outputs)
 
     def need_tokenizer(self, what: str):
         if self.llm.tokenizer is None:
@@ -156,6 +171,8 @@ class OpenAIServing:
         final = await self._collect(handle, request)
         if final is None:
             return Response(status_code=499)
+        if self._aborted(final.values()):
+            raise self.cut_short()
         choices, completion_tokens = [], 0
         for i, rid_i in enumerate(handle.request_ids):
             out = final[rid_i]
@@ -172,12 +189,13 @@ class OpenAIServing:
                                   req: CompletionRequest):
         usage_null = {"usage": None} if req.include_usage else {}
         started, done, sent = set(), set(), {}  # choice indices; tokens streamed per choice
-        cached = {}
+        cached, cut = {}, False
         try:
-            while not handle.finished:
+            while not handle.finished and not cut:
                 out = await handle.next()
                 i = handle.request_ids.index(out.request_id)
                 cached[i] = out.num_cached_tokens
+                cut = self._aborted([out])
                 choices = []
                 for c in out.outputs:
                     index = i * req.n + c.index
@@ -189,6 +207,7 @@ class OpenAIServing:
                     text, lps, finish = fmt.choice(i, out, c, c.delta_text, new,
                                                    (c.logprobs or [])[start:start + len(new)],
                                                    first=index not in started)
+                    finish = None if cut else finish
                     started.add(index)
                     if finish is not None:
                         done.add(index)
@@ -196,7 +215,9 @@ class OpenAIServing:
                         choices.append({"index": index, "text": text, "logprobs": lps, "finish_reason": finish})
                 if choices:
                     yield sse({**head, "choices": choices, **usage_null})
-            if req.include_usage:
+            if cut:
+                yield sse(self.cut_short().body())
+            elif req.include_usage:
                 completion_tokens = 0 if fmt.score_only else sum(sent.values())
                 yield sse({**head, "choices": [], "usage": self._usage(sum(map(len, fmt.prompts)), completion_tokens,
                                                                         sum(cached.values()))})
@@ -228,6 +249,8 @@ class OpenAIServing:
         final = await self._collect(handle, request)
         if final is None:
             return Response(status_code=499)
+        if self._aborted(final.values()):
+            raise self.cut_short()
         out = final[handle.request_ids[0]]
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": self._chat_logprobs(c.token_ids, c.logprobs, req),
@@ -237,15 +260,16 @@ class OpenAIServing:
 
     async def _stream_chat(self, handle: RequestHandle, head: dict, req: ChatCompletionRequest, num_prompt: int):
         usage_null = {"usage": None} if req.include_usage else {}
-        done, sent, cached = set(), [0] * req.n, 0
+        done, sent, cached, cut = set(), [0] * req.n, 0, False
         try:
             # the role first, at once: the client sees the stream open before the first token is computed
             yield sse({**head, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None} for j in range(req.n)],
                        **usage_null})
-            while not handle.finished:
+            while not handle.finished and not cut:
                 out = await handle.next()
                 cached = out.num_cached_tokens
+                cut = self._aborted([out])
                 choices = []
                 for c in out.outputs:
                     if c.index in done:
@@ -253,15 +277,17 @@ class OpenAIServing:
                     start, new = sent[c.index], c.delta_token_ids
                     sent[c.index] += len(new)
                     lps = self._chat_logprobs(new, (c.logprobs or [])[start:start + len(new)], req)
-                    if c.finish_reason is not None:
+                    finish = None if cut else c.finish_reason
+                    if finish is not None:
                         done.add(c.index)
-                    if c.delta_text or lps or c.finish_reason is not None:
+                    if c.delta_text or lps or finish is not None:
                         delta = {"content": c.delta_text} if c.delta_text else {}
-                        choices.append({"index": c.index, "delta": delta, "logprobs": lps,
-                                        "finish_reason": c.finish_reason})
+                        choices.append({"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": finish})
                 if choices:
                     yield sse({**head, "choices": choices, **usage_null})
-            if req.include_usage:
+            if cut:
+                yield sse(self.cut_short().body())
+            elif req.include_usage:
                 yield sse({**head, "choices": [], "usage": self._usage(num_prompt, sum(sent), cached)})
         except EngineError as e:
             yield sse(APIError(500, str(e), type="server_error").body())

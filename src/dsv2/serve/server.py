@@ -42,7 +42,7 @@ class DrainingServer(uvicorn.Server):
             if self.state.in_flight == 0:
                 self.should_exit = True
             elif now >= self.deadline and self.aborted_at is None:
-                self.engine.abort_all()  # their responses end with finish_reason "abort"
+                self.engine.abort_all()  # their clients get 503 or a stream's error event (OpenAIServing.cut_short)
                 self.aborted_at = now
             elif self.aborted_at is not None and now - self.aborted_at > ABORT_WAIT_S:
                 self.should_exit = True
