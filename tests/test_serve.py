@@ -354,6 +354,11 @@ def test_bad_requests_get_their_status_codes(server):
         chat = {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}
         err = http.post("/v1/chat/completions", json=chat).json()["error"]
         assert err["param"] == "top_logprobs" and "20" in err["message"], err
+        for messages, param in (([{"role": "user", "content": "x"}] * 2049, "messages"),
+                                ([{"role": "user", "content": [{"type": "text", "text": "x"}] * 2049}],
+                                 "messages[0].content")):
+            err = http.post("/v1/chat/completions", json={"messages": messages}).json()["error"]
+            assert err["param"] == param and "2048" in err["message"], err
     # the API key: missing or wrong -> 401; /health and /metrics need none
     assert httpx.post(server.base + "/v1/completions", json={"prompt": "x"}).status_code == 401
     wrong = httpx.get(server.base + "/v1/models", headers={"Authorization": "Bearer sk-wrong"})

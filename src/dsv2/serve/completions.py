@@ -80,10 +80,16 @@ class OpenAIServing:
                            code="queue_full", headers={"Retry-After": "1"})
 
     def check_token_ids(self, prompts: list[str | list[int]]) -> None:
-        """Token-id prompts inside the vocabulary, before anything decodes them (echo, logprobs)."""
-        vocab = self.llm.config.vocab_size
+        """Token-id prompts inside the vocabulary, before anything decodes them (echo, logprobs); one longer than the
+        context is refused before its ids are even looked at."""
+        vocab, max_model_len = self.llm.config.vocab_size, self.llm.max_model_len
         for p in prompts:
-            bad = next((t for t in p if not 0 <= t < vocab), None) if not isinstance(p, str) else None
+            if isinstance(p, str):
+                continue
+            if len(p) >= max_model_len:
+                raise APIError(400, f"the prompt has {len(p)} tokens, but the maximum context length is "
+                                    f"{max_model_len}", param="prompt", code="context_length_exceeded")
+            bad = next((t for t in p if not 0 <= t < vocab), None)
             if bad is not None:
                 raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
 
