@@ -3,6 +3,7 @@
     dsv2 serve --model ~/models/DeepSeek-V2-Lite-Chat                      # http://127.0.0.1:8000/v1
     DSV2_API_KEY=sk-local dsv2 serve --model DIR --host 0.0.0.0 --port 8080 --served-model-name deepseek-v2-lite
     dsv2 serve --model DIR --max-num-seqs 64 --max-waiting 512 --shutdown-grace 60
+    dsv2 serve --model DIR --max-seqs-per-request 64 --max-stop-strings 4 --body-timeout 10
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def register(sub) -> None:
                         "connection is closed (default 30, as nginx's client_body_timeout)")
     s.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds the requests in flight get to finish before they are aborted "
-                        "(default 30)")
+                        "(default 30); an aborted request gets 503 shutting_down, an aborted stream ends with an "
+                        "error event")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info: one access-log line per request)")
     s.set_defaults(func=run_serve)

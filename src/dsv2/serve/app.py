@@ -3,7 +3,8 @@
     app = build_app(llm, ServerConfig(model_name="DeepSeek-V2-Lite-Chat", api_key="sk-..."))
 
 Every client mistake is a 4xx in OpenAI's error shape: bad JSON or field 400, wrong key 401, unknown model 404,
-body too large 413, queue full 429 (with Retry-After); while draining for shutdown, 503.
+a body that stalls 408, body too large 413, queue full 429 (with Retry-After); a client gone mid-body counts as
+499; while draining for shutdown, 503. A bug is a 500 that closes its connection (Connection: close).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from ..engine.llm import LLM
 from .completions import OpenAIServing
 from .config import ServerConfig, ServerState
 from .engine_loop import EngineLoop
-from .prompts import tokenize_chat, tokenize_texts
 from .metrics import Metrics
+from .prompts import tokenize_chat, tokenize_texts
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .protocol import conversation, lone_surrogate, parse
 
@@ -205,9 +206,11 @@ def build_app(llm: LLM, config: ServerConfig, state: ServerState | None = None) 
         # as vLLM does, /tokenize takes what could be a prompt: at most max_model_len tokens
         n = llm.max_model_len
         if req.prompt is not None:
-            [ids] = await tokenize_texts(tok, [req.prompt], n, n, add_special_tokens=req.add_special_tokens)
+            [ids] = await tokenize_texts(tok, [req.prompt], limit=n, max_model_len=n,
+                                         add_special_tokens=req.add_special_tokens)
         else:
-            ids = await tokenize_chat(tok, conversation(req.messages), n, n, req.add_generation_prompt)
+            ids = await tokenize_chat(tok, conversation(req.messages), limit=n, max_model_len=n,
+                                      add_generation_prompt=req.add_generation_prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": n}
 
     @app.post("/detokenize")
