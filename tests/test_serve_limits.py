@@ -50,31 +50,8 @@ def _wait_idle(server: Server) -> None:
         time.sleep(0.05)
 
 
-def test_admission_counts_sequences_and_bounds_each_request(server_c):
-    post = lambda body: httpx.post(server_c.base + "/v1/completions", json={"max_tokens": 1, **body}, timeout=60)
-    # per request, while idle: 2 prompts x n=2 is 4 sequences, over --max-seqs-per-request 3
-    err = post({"prompt": ["a", "b"], "n": 2}).json()["error"]
-    assert err["param"] == "prompt" and "4 sequences" in err["message"] and "--max-seqs-per-request 3" in err["message"]
-
-    # the queue: one sequence runs (--max-num-seqs 1), a request with n=2 waits: 2 of --max-waiting 4 are taken
-    with httpx.Client(base_url=server_c.base, timeout=60) as a, httpx.Client(base_url=server_c.base, timeout=60) as b:
-        running, lines = _open_stream(a)
-        next(lines)
-        waiting, _ = _open_stream(b, n=2)
-        full = post({"prompt": "a", "n": 3})  # 2 waiting + 3 > 4, though it is one prompt
-        assert full.status_code == 429 and full.headers["retry-after"] == "1"
-        assert "2 sequences are already waiting" in full.json()["error"]["message"]
-        with httpx.Client(base_url=server_c.base, timeout=60) as c:
-            fits, _ = _open_stream(c, n=2)  # 2 + 2 = 4: queued
-            fits.close()
-        waiting.close()
-        running.close()
-    _wait_idle(server_c)
-
-
 def _raw(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    return sock
+    return socket.create_connection(("127.0.0.1", port), timeout=30)
 
 
 def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
@@ -101,6 +78,48 @@ def _request(path: str, body: bytes | None = None) -> bytes:
         return f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
     return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+
+
+def _in_background(fn):
+    """Run fn() on a thread; returns (thread, result dict that gets "value" or "error")."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except Exception as e:  # the test thread asserts on it
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_admission_counts_sequences_and_bounds_each_request(server_c):
+    post = lambda body: httpx.post(server_c.base + "/v1/completions", json={"max_tokens": 1, **body}, timeout=60)
+    # per request, while idle: 2 prompts x n=2 is 4 sequences, over --max-seqs-per-request 3
+    err = post({"prompt": ["a", "b"], "n": 2}).json()["error"]
+    assert err["param"] == "prompt" and "4 sequences" in err["message"] and "--max-seqs-per-request 3" in err["message"]
+
+    # the queue: one sequence runs (--max-num-seqs 1), a request with n=2 waits: 2 of --max-waiting 4 are taken
+    with httpx.Client(base_url=server_c.base, timeout=60) as a, httpx.Client(base_url=server_c.base, timeout=60) as b:
+        running, lines = _open_stream(a)
+        next(lines)
+        waiting, _ = _open_stream(b, n=2)
+        full = post({"prompt": "a", "n": 3})  # 2 waiting + 3 > 4, though it is one prompt
+        assert full.status_code == 429 and full.headers["retry-after"] == "1"
+        assert "2 sequences are already waiting" in full.json()["error"]["message"]
+        with httpx.Client(base_url=server_c.base, timeout=60) as c:
+            fits, _ = _open_stream(c, n=2)  # 2 + 2 = 4: queued
+            fits.close()
+        waiting.close()
+        running.close()
+    _wait_idle(server_c)
 
 
 class BrokenLLM(LLM):
@@ -163,26 +182,6 @@ def test_a_body_that_stalls_gets_408_and_its_connection_closed(server_c):
         assert err["code"] == "request_timeout" and "--body-timeout" in err["message"], err
         assert sock.recv(1) == b""  # and the server closed the connection
     assert server_c.metrics()['dsv2_http_requests_total{endpoint="/v1/completions",status="408"}'] == 1
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
-
-
-def _in_background(fn):
-    """Run fn() on a thread; returns (thread, result dict that gets "value" or "error")."""
-    result = {}
-
-    def run():
-        try:
-            result["value"] = fn()
-        except Exception as e:  # the test thread asserts on it
-            result["error"] = e
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, result
 
 
 def test_a_prompt_far_too_long_is_refused_before_it_is_tokenized(server_c):
