@@ -24,6 +24,8 @@ class Completion:
         self.logprobs = [] if p.logprobs is not None else None
         self.cumulative_logprob = 0.0 if p.logprobs is not None else None
         self.max_stop = max((len(s) for s in p.stop), default=0)
+        # every proper prefix of a stop string, for holdback(): one set lookup per candidate length
+        self.stop_prefixes = {s[:k] for s in p.stop for k in range(1, len(s))}
 
     def add_text(self, token_id: int, match_stop: bool = True) -> str | None:
         """Detokenize one new token; returns the stop string if one now ends in the new text (then the text is cut
@@ -53,8 +55,7 @@ class Completion:
         if self.seq.is_finished or not self.max_stop:
             return 0
         for k in range(min(self.max_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.seq.params.stop):
+            if self.text[-k:] in self.stop_prefixes:
                 return k
         return 0
 

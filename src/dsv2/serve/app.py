@@ -40,7 +40,7 @@ def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-class _Gate:
+class _Admission:
     """Pure ASGI middleware (BaseHTTPMiddleware would buffer streams and hide disconnects): counts requests by
     endpoint and status, refuses them while draining, checks the API key."""
 
@@ -151,7 +151,7 @@ def build_app(llm: LLM, config: ServerConfig, state: ServerState | None = None) 
 
     app = FastAPI(title="dsv2", summary="OpenAI-compatible DeepSeek-V2 server", lifespan=lifespan)
     app.state.engine, app.state.server = engine, state
-    app.add_middleware(_Gate, state=state, metrics=metrics, api_key=config.api_key)
+    app.add_middleware(_Admission, state=state, metrics=metrics, api_key=config.api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
