@@ -20,9 +20,14 @@ import torch
 LEVELS = ("default", "avx2", "avx512")  # dsv2's view of x86 vector levels, lowest first
 ENV = "DSV2_CPU_CAPABILITY"
 # Up to this many rows a matmul is a matrix-vector product bound by reading the weights (decode); above it, a
-# matrix-matrix product bound by arithmetic (prefill, large decode batches). Both int8 and bf16-storage kernels
-# switch at this size; measured on 2-core EPYC (AVX2 and AVX-512) and Xeon (AVX-512 + AMX) machines.
+# matrix-matrix product bound by arithmetic (prefill, large decode batches). The int8 kernel switches at this size
+# (measured on 2-core EPYC and Xeon machines, AVX-512 and emulated AVX2: the int8 GEMV beats dequantize + matmul up
+# to ~24 rows).
 GEMV_ROWS = 16
+# torch's half-precision GEMV on CPUs without fast bf16 handles one row at a time (its cost grows with the rows),
+# so for bf16 weights computed in fp32, converting the weight and multiplying in fp32 wins from 3 rows on (2048 x
+# 2048, emulated AVX2: 0.83 vs 1.21 ms at 2 rows, 1.23 vs 1.22 at 3, 1.67 vs 1.57 at 4; benchmarks in BENCHMARKS.md)
+UPCAST_GEMV_ROWS = 2
 _INTERESTING_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
                       "avx512_fp16", "avx_vnni", "avx512_vnni", "avx_ne_convert", "amx_bf16", "amx_int8", "amx_tile",
                       "asimd", "bf16", "i8mm", "sve", "sve2")
@@ -287,5 +292,6 @@ def inference_plan(device: str | torch.device, dtype: str | torch.dtype = "auto"
     if can_pack and cpu_weight_packing is not False:
         return InferencePlan("cpu", weight, compute, cache, "packed", None, False, notes=tuple(notes))
     if compute == torch.float32 and weight != torch.float32:
-        return InferencePlan("cpu", weight, compute, cache, "upcast", None, False, notes=tuple(notes))
+        return InferencePlan("cpu", weight, compute, cache, "upcast", None, False, gemv_rows=UPCAST_GEMV_ROWS,
+                             notes=tuple(notes))
     return InferencePlan("cpu", weight, compute, cache, "plain", None, False, notes=tuple(notes))
