@@ -16,7 +16,7 @@ from dsv2.capability import ENV, CpuCapability, cpu_capability, inference_plan
 from dsv2.engine.llm import LLM
 from dsv2.engine.sampling_params import SamplingParams
 from dsv2.model.inference import prepare_for_inference
-from dsv2.model.upcast import UpcastEmbedding, UpcastExperts, UpcastLinear, UpcastMLP, upcast_linear
+from dsv2.model.upcast import UpcastEmbedding, UpcastExperts, UpcastLinear, UpcastMLP, Workspace, upcast_linear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 X86 = cpu_capability().is_x86
@@ -119,13 +119,14 @@ def tiny(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("workspace", [4 << 20, 1000])  # 1000 floats: the 48 x 64 matrix goes in chunks of 15 rows
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
-def test_upcast_linear_both_kernels_equal_the_fp32_product(rows):
+def test_upcast_linear_both_kernels_equal_the_fp32_product(rows, workspace):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(48, 64, generator=g).bfloat16()
     bias = torch.randn(48, generator=g)
     x = torch.randn(rows, 64, generator=g)
-    y = upcast_linear(x, w, bias, gemv_rows=16)
+    y = upcast_linear(x, w, bias, gemv_rows=16, workspace=Workspace(workspace))
     assert y.dtype == torch.float32 and y.shape == (rows, 48)
     if rows > 16:  # fp32 GEMM on the exact bf16 values
         torch.testing.assert_close(y, x @ w.float().T + bias, rtol=1e-5, atol=1e-5)

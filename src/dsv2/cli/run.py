@@ -143,7 +143,9 @@ def run_bench(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"dsv2 {result['dtype']} batch={args.batch} context={args.context} new={args.new}: "
+        kind = result["dtype"] if result["compute_dtype"] == result["dtype"] else \
+            f"{result['dtype']} weights, {result['compute_dtype']} compute"
+        print(f"dsv2 {kind} ({result['weights']}) batch={args.batch} context={args.context} new={args.new}: "
               f"prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "
               f"(latent cache {result['kv_cache_bytes_per_token']} B/token, peak RSS {result['peak_rss_mb']:.0f} MB)")
     return 0

@@ -21,7 +21,7 @@ from .moe import Experts
 from .packed import PackedExperts, PackedLinear, PackedMLP
 from .quant import Int8Experts, Int8Linear, Int8MLP
 from .transformer import Transformer
-from .upcast import UpcastEmbedding, UpcastExperts, UpcastLinear, UpcastMLP
+from .upcast import UpcastEmbedding, UpcastExperts, UpcastLinear, UpcastMLP, Workspace
 
 # kv_b_proj is kept in its stored dtype by packing and int8: prefill decompresses the cache with it, and decode
 # uses its per-head slices (W_UK, W_UV^T), which prepare_attention copies out in the compute dtype
@@ -80,10 +80,10 @@ def swap_matrices(module: nn.Module, mlp, linear, experts) -> None:
 
 def prepare_for_inference(model: Transformer, plan: InferencePlan) -> Transformer:
     """`model` (loaded in plan.weight_dtype) in the plan's inference form, in place; returns it."""
-    compute, rows = plan.compute_dtype, plan.gemv_rows
+    compute, rows, ws = plan.compute_dtype, plan.gemv_rows, Workspace()
     prepare_attention(model, compute)
     upcast = compute != plan.weight_dtype  # weights stored narrower than the compute dtype
-    keep = (lambda m: UpcastLinear(m, rows)) if upcast else (lambda m: None)
+    keep = (lambda m: UpcastLinear(m, rows, ws)) if upcast else (lambda m: None)
     if plan.weights == "packed":
         swap_matrices(model, PackedMLP, lambda m, name: keep(m) if name in KEEP_PLAIN else PackedLinear(m),
                       PackedExperts)
@@ -92,8 +92,8 @@ def prepare_for_inference(model: Transformer, plan: InferencePlan) -> Transforme
         swap_matrices(model, lambda m: Int8MLP(m, k),
                       lambda m, name: keep(m) if name in KEEP_PLAIN else Int8Linear(m, k), lambda e: Int8Experts(e, k))
     elif upcast:
-        swap_matrices(model, lambda m: UpcastMLP(m, rows), lambda m, name: UpcastLinear(m, rows),
-                      lambda e: UpcastExperts(e, rows))
+        swap_matrices(model, lambda m: UpcastMLP(m, rows, ws), lambda m, name: UpcastLinear(m, rows, ws),
+                      lambda e: UpcastExperts(e, rows, ws))
     if upcast:
         model.model.embed_tokens = UpcastEmbedding(model.model.embed_tokens, compute)
     model.requires_grad_(False)

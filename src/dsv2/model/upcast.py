@@ -10,6 +10,8 @@ The slow twin is the same model loaded in fp32 (tests/test_cpu_paths.py compares
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,12 +20,41 @@ from .layers import MLP
 from .moe import ExpertGroup, Experts
 
 
-def upcast_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gemv_rows: int) -> torch.Tensor:
+class Workspace:
+    """Scratch memory for the fp32 copies of weights: one buffer of `elements` floats per thread and device, reused by
+    every matmul. A fresh fp32 copy per call would come from the allocator each time, and for large matrices from
+    new pages the kernel must zero (lm_head of the benchmark model, 32000 x 1024, emulated AVX2: 43 ms to convert
+    into fresh memory, 10 ms into this buffer). Matrices larger than the buffer are multiplied in row chunks."""
+
+    def __init__(self, elements: int = 4 << 20):
+        self.elements = elements
+        self._local = threading.local()
+
+    def buffer(self, device: torch.device) -> torch.Tensor:
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        if device not in buffers:
+            with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+                buffers[device] = torch.empty(self.elements, dtype=torch.float32, device=device)
+        return buffers[device]
+
+
+def upcast_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gemv_rows: int,
+                  workspace: Workspace) -> torch.Tensor:
     """x [..., K] (fp32) @ w^T [K, N] (half precision) (+ bias) -> [..., N] in x's dtype."""
     if x.numel() <= gemv_rows * x.shape[-1]:
         y = F.linear(x.to(w.dtype), w).to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    N, K = w.shape
+    buf = workspace.buffer(x.device)
+    rows = max(1, min(N, buf.numel() // K))  # output features per chunk
+    b = None if bias is None else bias.to(x.dtype)
+    if rows == N:
+        return F.linear(x, buf[:N * K].view(N, K).copy_(w), b)
+    out = x.new_empty(*x.shape[:-1], N)
+    for n in range(0, N, rows):
+        m = min(rows, N - n)
+        out[..., n:n + m] = F.linear(x, buf[:m * K].view(m, K).copy_(w[n:n + m]), None if b is None else b[n:n + m])
+    return out
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -31,42 +62,43 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class UpcastLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, gemv_rows: int):
+    def __init__(self, linear: nn.Linear, gemv_rows: int, workspace: Workspace):
         super().__init__()
         self.in_features, self.out_features, self.gemv_rows = linear.in_features, linear.out_features, gemv_rows
+        self.workspace = workspace
         self.weight = _frozen(linear.weight)
         self.bias = None if linear.bias is None else _frozen(linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upcast_linear(x, self.weight, self.bias, self.gemv_rows)
+        return upcast_linear(x, self.weight, self.bias, self.gemv_rows, self.workspace)
 
 
 class UpcastMLP(nn.Module):
     """SwiGLU MLP (dense layers, shared experts) with gate and up fused into one matrix."""
 
-    def __init__(self, mlp: MLP, gemv_rows: int):
+    def __init__(self, mlp: MLP, gemv_rows: int, workspace: Workspace):
         super().__init__()
-        self.gemv_rows = gemv_rows
+        self.gemv_rows, self.workspace = gemv_rows, workspace
         self.gate_up = _frozen(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
         self.down = _frozen(mlp.down_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = upcast_linear(x, self.gate_up, None, self.gemv_rows).chunk(2, dim=-1)
-        return upcast_linear(F.silu(gate) * up, self.down, None, self.gemv_rows)
+        gate, up = upcast_linear(x, self.gate_up, None, self.gemv_rows, self.workspace).chunk(2, dim=-1)
+        return upcast_linear(F.silu(gate) * up, self.down, None, self.gemv_rows, self.workspace)
 
 
 class UpcastExperts(ExpertGroup):
     """Routed experts on their stacked half-precision weights (the token grouping is ExpertGroup's)."""
 
-    def __init__(self, experts: Experts, gemv_rows: int):
+    def __init__(self, experts: Experts, gemv_rows: int, workspace: Workspace):
         super().__init__(experts.n_experts)
-        self.gemv_rows = gemv_rows
+        self.gemv_rows, self.workspace = gemv_rows, workspace
         self.gate_up_proj = _frozen(experts.gate_up_proj)  # [E, 2I, H]
         self.down_proj = _frozen(experts.down_proj)  # [E, H, I]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = upcast_linear(x, self.gate_up_proj[e], None, self.gemv_rows).chunk(2, dim=-1)
-        return upcast_linear(F.silu(gate) * up, self.down_proj[e], None, self.gemv_rows)
+        gate, up = upcast_linear(x, self.gate_up_proj[e], None, self.gemv_rows, self.workspace).chunk(2, dim=-1)
+        return upcast_linear(F.silu(gate) * up, self.down_proj[e], None, self.gemv_rows, self.workspace)
 
 
 class UpcastEmbedding(nn.Module):
