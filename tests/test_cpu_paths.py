@@ -52,6 +52,20 @@ def test_the_capability_never_rises_above_what_torch_runs():
         assert not cap.onednn_bf16 and "ignored" in cap.reasons["level"]
 
 
+def test_nothing_x86_only_is_tried_on_arm(monkeypatch):
+    """On ARM (Apple Silicon, Graviton) the check must not even try oneDNN's x86 weight prepacking."""
+    import dsv2.capability as capability
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an x86-only oneDNN call on ARM")
+    monkeypatch.setattr(capability.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse, raising=False)
+    cap = capability._detect.__wrapped__(None)
+    assert cap.arch == "aarch64" and not cap.is_x86 and not cap.onednn_bf16
+    assert "not x86" in cap.reasons["onednn_bf16"]
+    assert inference_plan("cpu", "auto", capability=cap).weights in ("upcast", "plain")
+
+
 def test_the_int8_kernel_is_used_only_where_the_trial_passed():
     cap = cpu_capability()
     plan = inference_plan("cpu", "auto", "int8")
