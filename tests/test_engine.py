@@ -267,3 +267,18 @@ def test_dynamic_ntk_rope_is_per_sequence_not_per_batch(tmp_path):
         assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
     # and the per-sequence rotation is the one a plain forward over that sequence alone uses
     assert alone.token_ids == naive_greedy(llm.model, short, 8)
+
+
+def test_attention_bias_without_q_lora_survives_the_fused_input_projection(tmp_path):
+    """q_proj has no bias but kv_a_proj_with_mqa has one (attention_bias, no q_lora): the fused inference
+    projection must keep kv_a's bias (it was dropped)."""
+    path, hf = make_hf_model(tmp_path / "bias", q_lora_rank=None, attention_bias=True)
+    llm = LLM(path, dtype="float32", block_size=4)
+    prompt = _prompts([17])[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=8, logprobs=0, **GREEDY))[0].outputs[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+    chosen = ref.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    engine = torch.tensor([pos[t].logprob for t, pos in zip(out.token_ids, out.logprobs)])
+    assert (engine - chosen).abs().max() <= 1e-4
+    assert out.token_ids == ref.argmax(-1).tolist()

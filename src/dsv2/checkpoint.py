@@ -12,6 +12,7 @@ import os
 import re
 import struct
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
@@ -127,17 +128,64 @@ def read_header(file: str, with_offset: bool = False):
     return (header, 8 + n) if with_offset else header
 
 
-def _read_tensor(f, file: str, key: str, info: dict, data_start: int) -> torch.Tensor:
-    """One tensor read with plain file I/O (not mmap): only this tensor's bytes are resident beside the model."""
+def _read_rows(f, file: str, key: str, info: dict, data_start: int, rows: tuple[int, int] | None = None
+               ) -> torch.Tensor:
+    """A tensor, or rows [a, b) of its first dimension, read with plain file I/O (not mmap): only these bytes are
+    resident beside the model."""
+    shape = list(info["shape"])
     begin, end = info["data_offsets"]
+    if rows is not None:
+        row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+        begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+        shape[0] = rows[1] - rows[0]
     f.seek(data_start + begin)
     buf = bytearray(end - begin)
     if f.readinto(buf) != len(buf):
         raise CheckpointError(f"{file}: truncated while reading {key!r}")
     dtype = _TORCH_DTYPES[info["dtype"]]
     if not buf:
-        return torch.empty(info["shape"], dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).view(info["shape"])
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
+@dataclass
+class Target:
+    """Where a stored tensor, or a block of it, goes: tensor = stored[rows[0]:rows[1], cols[0]:cols[1]] (None: the
+    whole dimension). A tensor-parallel rank loads its slices this way, reading only what it keeps."""
+    tensor: torch.Tensor
+    rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
+
+
+_BLOCK_BYTES = 64 << 20  # a column slice is read in row blocks of at most this many bytes
+
+
+def load_targets(files: dict[str, str], targets: dict[str, torch.Tensor | Target], progress: bool = False) -> None:
+    """Copy every stored tensor named in `targets` (key -> destination tensor or Target) into place, converting
+    dtype and device; keys not in `targets` are never read. Files are read in offset order, one at a time."""
+    by_file = defaultdict(list)
+    for key in targets:
+        by_file[files[key]].append(key)
+    bar = Progress(len(targets), "loading weights", unit="tensors", enabled=progress)
+    for file in sorted(by_file):
+        header, data_start = read_header(file, with_offset=True)
+        with open(file, "rb") as f:
+            for key in sorted(by_file[file], key=lambda k: header[k]["data_offsets"][0]):  # sequential reads
+                t = targets[key]
+                t = t if isinstance(t, Target) else Target(t)
+                info = header[key]
+                if t.cols is None:
+                    t.tensor.copy_(_read_rows(f, file, key, info, data_start, t.rows))
+                else:  # a column block: whole rows are read, a bounded number at a time
+                    r0, r1 = t.rows or (0, info["shape"][0])
+                    step = max(1, _BLOCK_BYTES // max(1, (info["data_offsets"][1] - info["data_offsets"][0])
+                                                      // max(1, info["shape"][0])))
+                    for a in range(r0, r1, step):
+                        b = min(r1, a + step)
+                        block = _read_rows(f, file, key, info, data_start, (a, b))
+                        t.tensor[a - r0:b - r0].copy_(block[:, t.cols[0]:t.cols[1]])
+                bar.update(1)
+    bar.close()
 
 
 def checkpoint_files(directory: str) -> dict[str, str]:
@@ -225,18 +273,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     cfg = ModelConfig.from_pretrained(directory)
     files = validate(cfg, directory)
     model = build_model(cfg, dtype=dtype, device=device, init=False)
-    targets = checkpoint_tensors(model)
-    by_file = defaultdict(list)
-    for key, file in files.items():
-        by_file[file].append(key)
-    bar = Progress(len(files), "loading weights", unit="tensors", enabled=progress)
-    for file in sorted(by_file):
-        header, data_start = read_header(file, with_offset=True)
-        with open(file, "rb") as f:
-            for key in sorted(by_file[file], key=lambda k: header[k]["data_offsets"][0]):  # sequential reads
-                targets[key].copy_(_read_tensor(f, file, key, header[key], data_start))  # converts dtype, device
-                bar.update(1)
-    bar.close()
+    load_targets(files, checkpoint_tensors(model), progress)
     return model.eval()
 
 

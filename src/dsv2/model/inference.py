@@ -35,13 +35,15 @@ def fused_attention(mla: MLA, dtype: torch.dtype) -> MLA:
         new = MLA(mla.config, mla.layer_idx, fused_input=True)
     first = mla.q_proj if mla.q_lora_rank is None else mla.q_a_proj
     second = mla.kv_a_proj_with_mqa
+    bias = first.bias is not None or second.bias is not None  # q_proj never has one; kv_a may (attention_bias)
     with torch.device(first.weight.device):
-        fused = nn.Linear(first.in_features, first.out_features + second.out_features, bias=first.bias is not None,
+        fused = nn.Linear(first.in_features, first.out_features + second.out_features, bias=bias,
                           dtype=first.weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(torch.cat([first.weight, second.weight]))
-        if first.bias is not None:
-            fused.bias.copy_(torch.cat([first.bias, second.bias]))
+        if bias:
+            fused.bias.copy_(torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                        for m in (first, second)]))
     fused.requires_grad_(False)
     new.input_proj = fused
     w_uk, w_uv_t = mla.absorbed_weights()
@@ -53,10 +55,12 @@ def fused_attention(mla: MLA, dtype: torch.dtype) -> MLA:
 
 
 def prepare_attention(model: nn.Module, dtype: torch.dtype) -> None:
-    """Every MLA in `model` replaced by its fused inference layout (absorbed weights in `dtype`)."""
-    for block in model.modules():
-        if isinstance(getattr(block, "self_attn", None), MLA) and not block.self_attn.fused_input:
-            block.self_attn = fused_attention(block.self_attn, dtype)
+    """Every MLA in `model` (wherever it sits: a block, a parallel wrapper) replaced by its fused inference layout
+    (absorbed weights in `dtype`)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MLA) and not child.fused_input:
+                setattr(parent, name, fused_attention(child, dtype))
 
 
 def swap_matrices(module: nn.Module, mlp, linear, experts) -> None:

@@ -64,16 +64,17 @@ class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, fused_input: bool = False):
         super().__init__()
         self.config, self.layer_idx = cfg, layer_idx
-        self.n_heads = n = cfg.num_attention_heads
+        n = cfg.num_attention_heads  # the forward reads the head count off the weights' shapes, so a
+        # tensor-parallel shard holding n / w heads (dsv2/parallel) runs this same code
         self.nope, self.rope, self.v_dim, self.rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         self.q_lora_rank = cfg.q_lora_rank
         self.softmax_scale = cfg.softmax_scale  # d_q^-0.5 * mscale^2, never latent_dim^-0.5
         H, Dq, bias = cfg.hidden_size, cfg.qk_head_dim, cfg.attention_bias
         q_out = n * Dq if cfg.q_lora_rank is None else cfg.q_lora_rank
-        self.input_split = (q_out, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.fused_input = fused_input
         if fused_input:
-            self.input_proj = nn.Linear(H, sum(self.input_split), bias=bias)
+            self.input_proj = nn.Linear(H, q_out + latent, bias=bias)
             self.register_buffer("w_uk", torch.empty(n, cfg.qk_nope_head_dim, cfg.kv_lora_rank))  # [n, Dn, R]
             self.register_buffer("w_uv_t", torch.empty(n, cfg.kv_lora_rank, cfg.v_head_dim))  # [n, R, Dv]
         elif cfg.q_lora_rank is None:
@@ -84,21 +85,22 @@ class MLA(nn.Module):
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, n * Dq, bias=False)
         if not fused_input:
-            self.kv_a_proj_with_mqa = nn.Linear(H, self.input_split[1], bias=bias)
+            self.kv_a_proj_with_mqa = nn.Linear(H, latent, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n * cfg.v_head_dim, H, bias=bias)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, attn: PagedAttention | None = None) -> torch.Tensor:
         """x [B, T, H] (plain causal forward) or [N, H] with `attn` (engine step); freqs [T, Dr/2] or [N, Dr/2]."""
-        if self.fused_input:
-            q, ckv = self.input_proj(x).split(self.input_split, dim=-1)
+        if self.fused_input:  # [q | c_kv, k_pe]: the latent part is the last R + Dr columns
+            qkv = self.input_proj(x)
+            q, ckv = qkv[..., :-(self.rank + self.rope)], qkv[..., -(self.rank + self.rope):]
         else:
             q = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
             ckv = self.kv_a_proj_with_mqa(x)
         if self.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
-        q = q.unflatten(-1, (self.n_heads, -1))  # [..., n, Dq]
+        q = q.unflatten(-1, (-1, self.nope + self.rope))  # [..., n, Dq]
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         c_kv, k_pe = ckv.split([self.rank, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [..., R]: the latent that is cached
@@ -114,7 +116,7 @@ class MLA(nn.Module):
     def attend_decompressed(self, q_nope, q_pe, c_kv, k_pe, q_offset: int = 0) -> torch.Tensor:
         """Queries [B, T, n, *] against latents [B, L, *] (L >= T); query t sits at position q_offset + t."""
         T, L = q_nope.shape[-3], c_kv.shape[-2]
-        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, -1))  # [B, L, n, Dn + Dv]
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (-1, self.nope + self.v_dim))  # [B, L, n, Dn + Dv]
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(-3, -2)  # [B, n, T, Dq]
         k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope)], dim=-1).transpose(-3, -2)
@@ -134,7 +136,7 @@ class MLA(nn.Module):
         inference layout, see model/inference.py)."""
         if self.fused_input:
             return self.w_uk, self.w_uv_t
-        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))  # [n, Dn + Dv, R]
+        w = self.kv_b_proj.weight.unflatten(0, (-1, self.nope + self.v_dim))  # [n, Dn + Dv, R]
         return w[:, :self.nope], w[:, self.nope:].transpose(1, 2)
 
     def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
@@ -180,7 +182,7 @@ class MLA(nn.Module):
                 ctx = flat.index_select(0, g.slots).view(D, g.length, -1)  # [D, Lb, R + Dr]
                 o_lat = self.attend_latent(q_abs, ctx, g.pad)
             else:
-                o_lat = q_abs.new_empty(D, self.n_heads, self.rank)
+                o_lat = q_abs.new_empty(D, q_abs.shape[1], self.rank)
                 for g in attn.decode_groups:
                     ctx = flat.index_select(0, g.slots).view(-1, g.length, flat.shape[-1])  # [G, Lb, R + Dr]
                     o_lat[g.rows] = self.attend_latent(q_abs[g.rows], ctx, g.pad)

@@ -111,9 +111,10 @@ class ExpertGroup(nn.Module):
 class Experts(ExpertGroup):
     """The trainable form: stacked weights, gate and up fused (one matmul per expert instead of two)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.n_routed_experts)
-        E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    def __init__(self, cfg: ModelConfig, n_experts: int | None = None):
+        """n_experts: how many of the config's experts this module holds (an expert-parallel shard; default all)."""
+        super().__init__(n_experts or cfg.n_routed_experts)
+        E, H, I = self.n_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # rows [gate I | up I] per expert
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 

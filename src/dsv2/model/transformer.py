@@ -23,7 +23,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.self_attn = MLA(cfg, layer_idx)
-        self.mlp = MoE(cfg, layer_idx) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = MoE(cfg, layer_idx) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -31,7 +32,7 @@ class Block(nn.Module):
                 drop: TokenDropping | None = None):
         x = x + self.self_attn(self.input_layernorm(x), freqs, attn)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, router_out, drop) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x + (self.mlp(h, router_out, drop) if self.is_moe else self.mlp(h))
 
 
 class Transformer(nn.Module):

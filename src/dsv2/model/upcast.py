@@ -102,12 +102,16 @@ class UpcastExperts(ExpertGroup):
 
 
 class UpcastEmbedding(nn.Module):
-    """The token embedding, looked up in its stored dtype and handed on in the compute dtype."""
+    """The token embedding (any embedding module: plain or vocabulary-parallel), looked up in its stored dtype and
+    handed on in the compute dtype."""
 
-    def __init__(self, embedding: nn.Embedding, dtype: torch.dtype):
+    def __init__(self, embedding: nn.Module, dtype: torch.dtype):
         super().__init__()
-        self.weight = embedding.weight  # shared with lm_head when the embeddings are tied
-        self.dtype = dtype
+        self.embedding, self.dtype = embedding, dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight  # shared with lm_head when the embeddings are tied
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight).to(self.dtype)
+        return self.embedding(ids).to(self.dtype)
