@@ -16,6 +16,8 @@ from dsv2.config import ModelConfig
 from dsv2.parallel.tensor_parallel import ParallelContext, check_sizes
 
 pytestmark = pytest.mark.distributed
+# DSV2_TEST_DEVICE=cuda runs the same tests with NCCL, one GPU per rank (benchmarks/gpu_tp.sh does)
+DEVICE = os.environ.get("DSV2_TEST_DEVICE", "cpu")
 
 CASES = {  # name -> make_hf_model overrides (heads 4, experts 8, vocab 128: all split over 2)
     "q-lora_group-limited_yarn": dict(q_lora_rank=24, topk_method="group_limited_greedy", n_group=2, topk_group=1,
@@ -29,16 +31,20 @@ T = 48
 def _rank_main(rank: int, world: int, store: str, paths: dict[str, str], out: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    device = torch.device(DEVICE, rank) if DEVICE == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
     try:
         from dsv2.engine.prepare import load_for_inference
         ctx = ParallelContext.from_group()
         results = {}
         for name, path in paths.items():
-            model = load_for_inference(path, inference_plan("cpu", "float32"), ctx)
-            ids = torch.randint(0, 128, (2, T), generator=torch.Generator().manual_seed(1))
+            model = load_for_inference(path, inference_plan(device, "float32"), ctx)
+            ids = torch.randint(0, 128, (2, T), generator=torch.Generator().manual_seed(1)).to(device)
             with torch.no_grad():
-                logits = model(ids)
+                logits = model(ids).cpu()
             results[name] = {"logits": logits, "greedy": _greedy_paged(model, ids[0, :20].tolist(), 10),
                              "params": sum(p.numel() for p in model.parameters())}
         if rank == 0:
@@ -56,7 +62,7 @@ def _greedy_paged(model, prompt: list[int], n: int) -> list[int]:
     from dsv2.engine.sequence import Sequence
     alloc = BlockAllocator(32, 4)
     sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=8, max_model_len=128), alloc)
-    runner = ModelRunner(model, 32, 4, torch.float32)
+    runner = ModelRunner(model, 32, 4, torch.float32)  # on the model's device
     seq = Sequence(prompt, SamplingParams(max_tokens=n))
     sched.add(seq)
     while seq.num_output_tokens < n:
@@ -75,6 +81,8 @@ def checkpoints(tmp_path_factory):
 
 
 def test_tensor_and_expert_parallel_equals_one_process(checkpoints, tmp_path):
+    if DEVICE == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("DSV2_TEST_DEVICE=cuda needs 2 GPUs")
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), checkpoints, out), nprocs=2, join=True)
     got = torch.load(out)
