@@ -1,5 +1,7 @@
-"""The model runner: a scheduled batch -> flat tensors + paged-attention metadata -> model -> logits.
-The only engine file that touches the device.
+"""The model runner: a scheduled batch -> StepInputs (plain data) -> flat tensors + paged-attention metadata ->
+model -> logits. The only engine file that touches the device. prepare and execute are apart so that rank 0 of a
+tensor-parallel group can send each step's StepInputs to the other ranks, which run execute alongside it
+(engine/workers.py).
 
 Shape legend: N flat tokens of the step, S sequences, L_s context length of sequence s, V vocab.
 """
@@ -17,6 +19,20 @@ from .scheduler import ScheduledSeq
 
 
 DECODE_BUCKET = 64  # decode contexts are padded to a multiple of this (see model.mla.DecodeGroup)
+
+
+@dataclass
+class StepInputs:
+    """One step's model inputs as plain data (picklable, no tensors): N flat tokens, then per sequence s where its
+    chunk starts, how many tokens it computes and the blocks holding its context."""
+    token_ids: list[int]  # [N]
+    starts: list[int]  # [S] first position computed this step
+    num_new: list[int]  # [S] tokens computed this step
+    block_tables: list[list[int]]  # [S] blocks of positions 0 .. start + num_new - 1
+    num_decode: int  # the first num_decode sequences decode one token each (absorbed attention)
+    logits_indices: list[int]  # flat rows whose logits are computed
+    sample_rows: list[int]  # rows of those logits that sample a next token, in batch order
+    prompt_rows: dict[int, tuple[int, int]]  # seq_id -> (first row, n): every position's logits (prompt_logprobs)
 
 
 @dataclass
@@ -72,22 +88,19 @@ class ModelRunner:
                                       pad=pad.to(self.device), length=Lb))
         return groups
 
-    @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> StepLogits:
-        """`batch` lists decode sequences (one new token each) first, then prefill chunks."""
-        tokens, positions, slot_mapping, seq_slots, ranges = [], [], [], [], []
+    def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
+        """The step's work as plain data (`batch` lists decode sequences, one new token each, first, then prefill
+        chunks): what rank 0 of a tensor-parallel group sends every other rank."""
+        tokens, starts, counts, tables = [], [], [], []
         want, sample_rows, prompt_rows = [], [], {}  # flat rows whose logits are needed, and who needs them
         num_decode, start = 0, 0
         for item in batch:
-            seq, n = item.seq, item.num_new_tokens
-            begin = item.start
-            slots = self._context_slots(seq.block_table, begin + n)  # [L_s]
+            seq, n, begin = item.seq, item.num_new_tokens, item.start
             tokens.extend(seq.token_range(begin, begin + n))
-            positions.append(torch.arange(begin, begin + n))
-            slot_mapping.append(slots[begin:])
-            seq_slots.append(slots)
-            ranges.append((start, start + n))
-            if n == 1 and num_decode == len(ranges) - 1:
+            starts.append(begin)
+            counts.append(n)
+            tables.append(seq.block_table[:-(-(begin + n) // self.block_size)])
+            if n == 1 and num_decode == len(counts) - 1:
                 num_decode += 1  # the leading single-token sequences attend in the absorbed form
             if seq.params.prompt_logprobs is not None and begin < seq.num_prompt_tokens:
                 prompt_rows[seq.seq_id] = (len(want), n)
@@ -98,12 +111,30 @@ class ModelRunner:
                 sample_rows.append(len(want))
                 want.append(start + n - 1)
             start += n
+        return StepInputs(tokens, starts, counts, tables, num_decode, want, sample_rows, prompt_rows)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInputs) -> StepLogits:
+        """Run the model on one step's inputs: the latents go into the cache, the wanted rows' logits come out."""
+        positions, slot_mapping, seq_slots, ranges = [], [], [], []
+        first = 0
+        for begin, n, table in zip(step.starts, step.num_new, step.block_tables):
+            slots = self._context_slots(table, begin + n)  # [L_s]
+            positions.append(torch.arange(begin, begin + n))
+            slot_mapping.append(slots[begin:])
+            seq_slots.append(slots)
+            ranges.append((first, first + n))
+            first += n
         dev = self.device
         attn = PagedAttention(
             kv_caches=self.kv_caches, slot_mapping=torch.cat(slot_mapping).to(dev),
-            seq_slots=[s.to(dev) for s in seq_slots], query_ranges=ranges, num_decode=num_decode,
-            decode_groups=self._decode_groups(seq_slots[:num_decode]))
-        logits = self.model(torch.tensor(tokens, device=dev), torch.cat(positions).to(dev), attn=attn,
-                            logits_indices=torch.tensor(want, dtype=torch.long, device=dev))  # [len(want), V]
-        prompt = {sid: logits[first:first + n] for sid, (first, n) in prompt_rows.items()}
-        return StepLogits(sample=logits[sample_rows], prompt=prompt)
+            seq_slots=[s.to(dev) for s in seq_slots], query_ranges=ranges, num_decode=step.num_decode,
+            decode_groups=self._decode_groups(seq_slots[:step.num_decode]))
+        logits = self.model(torch.tensor(step.token_ids, device=dev), torch.cat(positions).to(dev), attn=attn,
+                            logits_indices=torch.tensor(step.logits_indices, dtype=torch.long, device=dev))
+        # logits: [len(logits_indices), V]
+        prompt = {sid: logits[a:a + n] for sid, (a, n) in step.prompt_rows.items()}
+        return StepLogits(sample=logits[step.sample_rows], prompt=prompt)
+
+    def run(self, batch: list[ScheduledSeq]) -> StepLogits:
+        return self.execute(self.prepare(batch))
