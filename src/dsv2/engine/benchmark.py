@@ -56,5 +56,8 @@ def run_benchmark(llm: LLM, batch: int, context: int, new: int, repeat: int = 1,
                    **({"cpu": cpu_capability().as_dict()} if llm.device.type == "cpu" else {})},
         "prefill_tokens_per_s": best[0], "decode_tokens_per_s": best[1],
         "kv_cache_bytes_per_token": llm.config.kv_cache_bytes_per_token(torch.empty(0, dtype=llm.dtype).element_size()),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # every rank of a tensor-parallel group keeps a whole copy of the latent cache (it cannot be split by heads)
+        "tensor_parallel_size": llm.tensor_parallel_size, "kv_cache_bytes_per_rank": llm.kv_cache_bytes,
+        "kv_cache_bytes_all_ranks": llm.kv_cache_bytes * llm.tensor_parallel_size,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # rank 0's process
     }

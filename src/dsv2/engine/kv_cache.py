@@ -57,20 +57,21 @@ def chunk_activation_bytes(cfg: ModelConfig, tokens: int, context: int, dtype: t
 
 
 def default_kv_cache_memory(device: torch.device | str, activation_bytes: int = 0,
-                            gpu_memory_utilization: float | None = None) -> int:
+                            gpu_memory_utilization: float | None = None, ranks_on_host: int = 1) -> int:
     """Bytes to give the latent cache when the user does not say, once the model is loaded and `activation_bytes`
     (one step's peak activations: measured by a profile forward on CUDA, estimated on CPU) are set aside.
 
     CUDA: 90% (or gpu_memory_utilization) of the memory still free, minus the activations; the rest is headroom
     for the allocator's fragmentation. CPU: a quarter of the available RAM after the activations, at most 8 GiB --
     the cache is allocated up front and zeroed, so taking most of the machine would push everything else into swap,
-    and 8 GiB already holds ~275k tokens of V2-Lite (27 layers, bf16).
+    and 8 GiB already holds ~275k tokens of V2-Lite (27 layers, bf16). The ranks_on_host processes of a
+    tensor-parallel group on one CPU host share that quarter: each keeps a whole copy of the latent cache.
     """
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * (gpu_memory_utilization or 0.9)) - activation_bytes
-    return min((_available_ram() - activation_bytes) // 4, 8 << 30)
+    return min((_available_ram() - ranks_on_host * activation_bytes) // 4, 8 << 30) // ranks_on_host
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,10 @@ class CacheLayout:
 
 
 def size_kv_cache(cfg: ModelConfig, plan: InferencePlan, engine: EngineConfig,
-                  measured_activations: int | None = None) -> CacheLayout:
+                  measured_activations: int | None = None, ranks_on_host: int = 1) -> CacheLayout:
     """How many cache blocks to allocate and the longest sequence they allow. The activations of the largest step
-    (measured by a profile forward where possible, else estimated) are set aside before free memory is shared out."""
+    (measured by a profile forward where possible, else estimated) are set aside before free memory is shared out.
+    The layout is per process: every rank of a tensor-parallel group allocates one (see default_kv_cache_memory)."""
     bytes_per_token = cfg.num_hidden_layers * cfg.latent_dim * torch.tensor([], dtype=plan.cache_dtype).element_size()
     bs = engine.block_size
     max_len = engine.max_model_len or cfg.max_position_embeddings
@@ -94,7 +96,7 @@ def size_kv_cache(cfg: ModelConfig, plan: InferencePlan, engine: EngineConfig,
     activations = estimate if measured_activations is None else \
         measured_activations + chunk_activation_bytes(cfg, 0, max(0, max_len - chunk), plan.compute_dtype)
     if engine.kv_cache_memory is None:
-        mem = default_kv_cache_memory(plan.device, activations, engine.gpu_memory_utilization)
+        mem = default_kv_cache_memory(plan.device, activations, engine.gpu_memory_utilization, ranks_on_host)
         if mem <= 0:
             raise ValueError(f"no memory is left for the latent cache once the model and one step's activations "
                              f"({activations / 2**20:,.0f} MiB for {chunk} tokens) are in place; lower "

@@ -6,6 +6,10 @@
     for delta in llm.stream("Once upon a time", SamplingParams(max_tokens=50)): print(delta, end="")
 
 Lower level (the server's engine loop): add_request() from any thread, step() in one thread, abort() anywhere.
+
+Several devices: LLM(path, tensor_parallel_size=N) splits the model over N processes (engine/workers.py); rank 0,
+this process, schedules, samples and detokenizes. `with LLM(...) as llm:` or llm.shutdown() stops the workers
+(exit does too).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from .sampler import Sampler, TokenLogprobs, make_generator, prompt_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .workers import start_workers
 
 
 class LLM:
@@ -45,9 +50,15 @@ class LLM:
     kv_cache_memory: bytes (or "4GiB") for the latent cache; default: after setting one step's activations aside,
     90% of free GPU memory, or on CPU a quarter of the available RAM (at most 8 GiB), and never more than
     max_num_seqs full-length sequences need.
-    vLLM arguments accepted for compatibility: tensor_parallel_size (1 only, for now), trust_remote_code (ignored:
-    dsv2 never runs code from a model directory), enforce_eager (dsv2 always runs eagerly), gpu_memory_utilization
-    (a fraction of free GPU memory for the cache), swap_space, tokenizer (a directory), seed.
+    tensor_parallel_size: split the model over this many processes (heads, MLP widths, experts and vocabulary; see
+    parallel/tensor_parallel.py): on CUDA one GPU per rank (cuda:0 .. cuda:N-1, nccl), on CPU N processes sharing
+    the cores (gloo). This process is rank 0 and starts the other N-1; every rank keeps a whole copy of the latent
+    cache (kv_cache_memory is per rank; the CPU default is shared by the ranks of the host). Under torchrun with
+    WORLD_SIZE = N (several hosts), every rank runs the same program: on ranks other than 0, LLM() serves rank 0
+    and then exits the process instead of returning.
+    vLLM arguments accepted for compatibility: trust_remote_code (ignored: dsv2 never runs code from a model
+    directory), enforce_eager (dsv2 always runs eagerly), gpu_memory_utilization (a fraction of free GPU memory for
+    the cache), swap_space, tokenizer (a directory), seed.
     cpu_weight_packing: reorder bf16 weights into oneDNN's blocked layout (default: wherever oneDNN's bf16 path
     works on this CPU; ~1.7x faster matrix-vector products, results equal to bf16 rounding).
     quantization: None (weights in `dtype`) or "int8": weight-only int8 with a scale per output row (model/quant.py);
@@ -62,11 +73,9 @@ class LLM:
                  enforce_eager: bool = False, gpu_memory_utilization: float | None = None,
                  swap_space: float | None = None, cpu_weight_packing: bool | None = None,
                  quantization: str | None = None, **unknown):
+        self.workers = None  # first: shutdown() works whatever fails below
         if unknown:
             raise TypeError(f"LLM() got unknown argument(s) {sorted(unknown)}")
-        if tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: this LLM runs on one device; multi-device "
-                             "serving through torch.distributed is not available yet -- use tensor_parallel_size=1")
         if path is not None and model is not None and path != model:
             raise ValueError("pass the model once: LLM(path) or LLM(model=path)")
         path = path or model
@@ -81,25 +90,38 @@ class LLM:
                               gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
                               enable_prefix_caching=enable_prefix_caching, seed=seed)
         directory = resolve_model_path(path)
-        self.plan = plan
-        self.model = load_for_inference(directory, plan)
-        tok_dir = tokenizer or directory
-        self.tokenizer = (Tokenizer.from_pretrained(tok_dir)
-                          if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")) else None)
-        self.generation_defaults = _generation_config(directory)
-        self._assemble(engine)
+        self.workers = start_workers(tensor_parallel_size, directory, device)  # None: this process alone
+        self.tensor_parallel_size = tensor_parallel_size
+        try:
+            if self.workers is None:
+                self.plan = plan
+                self.model = load_for_inference(directory, plan)
+            else:
+                self.plan = dataclasses.replace(plan, device=str(self.workers.device))
+                self.model = self.workers.load(directory, self.plan)
+            tok_dir = tokenizer or directory
+            self.tokenizer = (Tokenizer.from_pretrained(tok_dir)
+                              if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")) else None)
+            self.generation_defaults = _generation_config(directory)
+            self._assemble(engine)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _assemble(self, engine: EngineConfig) -> None:
         """The engine around the prepared model: cache sized after a profile of one step, runner, allocator,
         scheduler, sampler."""
         cfg = self.config = self.model.config
-        chunk = min(engine.max_num_batched_tokens, engine.max_model_len or cfg.max_position_embeddings)
-        layout = size_kv_cache(cfg, self.plan, engine, measure_activation_bytes(self.model, chunk))
+        if self.workers is None:
+            chunk = min(engine.max_num_batched_tokens, engine.max_model_len or cfg.max_position_embeddings)
+            layout = size_kv_cache(cfg, self.plan, engine, measure_activation_bytes(self.model, chunk))
+        else:
+            layout = self.workers.size_cache(self.model, self.plan, engine)
         self.engine_config, self.cache_layout = engine, layout
         self.max_model_len = layout.max_model_len
         self.block_size, self.num_blocks = layout.block_size, layout.num_blocks
         self.cache_capacity_tokens = layout.num_blocks * layout.block_size
-        self.kv_cache_bytes = layout.bytes
+        self.kv_cache_bytes = layout.bytes  # per rank: each rank of a tensor-parallel group holds a copy
         self.runner = ModelRunner(self.model, layout.num_blocks, layout.block_size, self.plan.cache_dtype)
         self.allocator = BlockAllocator(layout.num_blocks, layout.block_size,
                                         enable_prefix_caching=engine.enable_prefix_caching)
@@ -130,6 +152,25 @@ class LLM:
     @property
     def quantization(self) -> str | None:
         return self.plan.quantization
+
+    @property
+    def failure(self) -> RuntimeError | None:
+        """Why this LLM can no longer run (a tensor-parallel worker died, ...); None while it can."""
+        return None if self.workers is None else self.workers.failure
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (a no-op for one process). Idempotent; the LLM cannot step afterwards.
+        Also runs on `with LLM(...) as llm:` exit and at interpreter exit."""
+        if self.workers is not None:
+            self.workers.shutdown()
+
+    close = shutdown
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None,
@@ -219,7 +260,12 @@ class LLM:
         for seq in getattr(out, "failed", []):
             changed[seq.request_id] = self._requests[seq.request_id]
         if out.scheduled:
-            self._run(out, changed)
+            try:
+                self._run(out, changed)
+            except RuntimeError:
+                if self.failure is not None:  # the tensor-parallel group broke: nothing will run again
+                    self._abandon()
+                raise
         self.stats["steps"] += 1
 
         results = []
@@ -229,8 +275,21 @@ class LLM:
                 self._requests.pop(rid, None)
         return results
 
+    def _abandon(self) -> None:
+        """Drop every request (finished as "abort"), so callers waiting on them stop waiting."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._aborts.clear()
+        for req in [*self._requests.values(), *pending]:
+            self.scheduler.abort(req.request_id)
+            for c in req.completions:
+                if c.seq.finish_reason is None:
+                    c.seq.finish_reason = "abort"
+        self._requests.clear()
+
     def _run(self, out, changed: dict[str, Request]) -> None:
-        logits = self.runner.run(out.scheduled)
+        inputs = self.runner.prepare(out.scheduled)
+        logits = self.runner.execute(inputs) if self.workers is None else self.workers.step(self.runner, inputs)
         sampling = [item.seq for item in out.scheduled if item.sample]
         for item in out.scheduled:  # prompt logprobs, chunk by chunk, before the positions advance
             seq = item.seq
