@@ -4,6 +4,9 @@
     dsv2 generate --model ~/models/DeepSeek-V2-Lite-Chat --max-tokens 200 "Write a haiku about the sea."
     dsv2 chat --model ~/models/DeepSeek-V2-Lite-Chat        # multi-turn; /reset, /exit
     dsv2 bench --model DIR --batch 16 --context 256 --new 64 --json
+    dsv2 generate --model DIR --tensor-parallel-size 2 "Hello"      # split over 2 processes (GPUs, or CPU ranks)
+    torchrun --nnodes 2 --node-rank NODE --nproc-per-node 8 --master-addr HOST0 --master-port 29500 \
+        -m dsv2.cli generate --model DIR --tensor-parallel-size 16 "Hello"   # every rank runs it; rank 0 prints
 """
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ def _model_args(p) -> None:
     p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="latent cache size, e.g. 4GiB (default: most of free GPU memory / a quarter of free RAM)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion to accept")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes: N GPUs (one per rank, nccl), or on CPU N ranks sharing "
+                        "the cores (gloo); every rank keeps a whole copy of the latent cache. Several hosts: run the "
+                        "same command under torchrun with N = WORLD_SIZE (default 1)")
     p.add_argument("--quantization", default=None, choices=["int8"],
                    help="int8: weight-only int8 with a scale per output row -- half the weight memory, faster "
                         "single-sequence decode on CPU (default: none, weights in --dtype)")
@@ -74,7 +81,8 @@ def register(sub) -> None:
 def _llm(args, **extra):
     from ..engine.llm import LLM
     return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-               max_model_len=args.max_model_len, quantization=args.quantization, **extra)
+               max_model_len=args.max_model_len, quantization=args.quantization,
+               tensor_parallel_size=args.tensor_parallel_size, **extra)
 
 
 def _params(args, llm):
@@ -84,7 +92,11 @@ def _params(args, llm):
 
 
 def run_generate(args) -> int:
-    llm = _llm(args)
+    with _llm(args) as llm:
+        return _generate(args, llm)
+
+
+def _generate(args, llm) -> int:
     params = _params(args, llm)
     if len(args.prompts) == 1:
         sys.stdout.write(args.prompts[0])
@@ -99,7 +111,11 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
-    llm = _llm(args)
+    with _llm(args) as llm:
+        return _chat(args, llm)
+
+
+def _chat(args, llm) -> int:
     if llm.tokenizer is None:
         print("dsv2 chat: this model directory has no tokenizer.json", file=sys.stderr)
         return 1
@@ -138,14 +154,15 @@ def run_chat(args) -> int:
 def run_bench(args) -> int:
     from ..engine.benchmark import run_benchmark
     budget = args.max_num_batched_tokens or max(2048, args.batch * args.context)
-    llm = _llm(args, max_num_seqs=max(args.batch, 1), max_num_batched_tokens=budget)
-    result = run_benchmark(llm, batch=args.batch, context=args.context, new=args.new, repeat=args.repeat)
+    with _llm(args, max_num_seqs=max(args.batch, 1), max_num_batched_tokens=budget) as llm:
+        result = run_benchmark(llm, batch=args.batch, context=args.context, new=args.new, repeat=args.repeat)
     if args.json:
         print(json.dumps(result))
     else:
         kind = result["dtype"] if result["compute_dtype"] == result["dtype"] else \
             f"{result['dtype']} weights, {result['compute_dtype']} compute"
-        print(f"dsv2 {kind} ({result['weights']}) batch={args.batch} context={args.context} new={args.new}: "
+        tp = f" tensor-parallel {result['tensor_parallel_size']}" if result["tensor_parallel_size"] > 1 else ""
+        print(f"dsv2 {kind} ({result['weights']}){tp} batch={args.batch} context={args.context} new={args.new}: "
               f"prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "
               f"(latent cache {result['kv_cache_bytes_per_token']} B/token, peak RSS {result['peak_rss_mb']:.0f} MB)")
     return 0

@@ -4,6 +4,9 @@
     DSV2_API_KEY=sk-local dsv2 serve --model DIR --host 0.0.0.0 --port 8080 --served-model-name deepseek-v2-lite
     dsv2 serve --model DIR --max-num-seqs 64 --max-waiting 512 --shutdown-grace 60
     dsv2 serve --model DIR --max-seqs-per-request 64 --max-stop-strings 4 --body-timeout 10
+    dsv2 serve --model DIR --tensor-parallel-size 8                          # 8 GPUs on this host
+    torchrun --nnodes 2 --node-rank NODE --nproc-per-node 8 --master-addr HOST0 --master-port 29500 \
+        -m dsv2.cli serve --model DIR --tensor-parallel-size 16 --host 0.0.0.0   # 2 hosts; node 0 serves HTTP
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ def run_serve(args) -> int:
                           max_waiting=args.max_waiting, max_seqs_per_request=args.max_seqs_per_request,
                           max_stop_strings=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
                           max_body_bytes=parse_bytes(args.max_body_bytes), body_timeout=args.body_timeout)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, quantization=args.quantization)
-    run_server(llm, config, host=args.host, port=args.port, grace=args.shutdown_grace, log_level=args.log_level)
+    with LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
+             tensor_parallel_size=args.tensor_parallel_size) as llm:
+        run_server(llm, config, host=args.host, port=args.port, grace=args.shutdown_grace, log_level=args.log_level)
     return 0
