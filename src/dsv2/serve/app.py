@@ -166,6 +166,8 @@ def build_app(llm: LLM, config: ServerConfig, state: ServerState | None = None) 
     async def health():
         if not engine.alive:
             raise APIError(503, "the engine thread has stopped", type="server_error")
+        if llm.failure is not None:  # e.g. a tensor-parallel worker died: every request would fail; restart
+            raise APIError(503, f"the engine cannot run: {llm.failure}", type="server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")
