@@ -173,7 +173,7 @@ def test_chat_goes_through_the_template(llm_dir):
 
 def test_the_model_card_vllm_snippet_runs_with_only_its_import_changed(llm_dir, capsys):
     """The model card's snippet, verbatim but for the import line and the model name (a local tiny model);
-    tensor_parallel_size=1 (multi-device serving is its own issue)."""
+    tensor_parallel_size=1 here, 2 in test_engine_parallel.py."""
     model_name = llm_dir
     from transformers import AutoTokenizer
     from dsv2 import LLM, SamplingParams
