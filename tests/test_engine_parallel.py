@@ -21,9 +21,13 @@ from dsv2.engine.sampling_params import SamplingParams
 from dsv2.engine.workers import WorkerDied
 
 pytestmark = pytest.mark.distributed
+# DSV2_TEST_DEVICE=cuda runs the same tests with NCCL, one GPU per rank (as tests/test_parallel.py)
+DEVICE = os.environ.get("DSV2_TEST_DEVICE", "cpu")
+if DEVICE == "cuda" and torch.cuda.device_count() < 2:
+    pytest.skip("DSV2_TEST_DEVICE=cuda needs 2 GPUs", allow_module_level=True)
 
 GREEDY = dict(temperature=0, ignore_eos=True)
-ENGINE = dict(dtype="float32", block_size=4, max_num_batched_tokens=32)  # chunked prefill, mixed steps
+ENGINE = dict(dtype="float32", device=DEVICE, block_size=4, max_num_batched_tokens=32)  # chunked prefill, mixed steps
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # per rank: the two ranks share this machine's cores
 
 
@@ -99,10 +103,13 @@ def test_two_ranks_equal_one_process_over_a_continuous_batch(tiny, one, monkeypa
 
 
 def test_the_model_card_vllm_snippet_with_two_ranks_matches_one(llm_dir):
-    """test_engine's snippet, verbatim but for the import, the model name and tensor_parallel_size. It runs in the
-    default dtype, bf16 on CPUs with fast bf16: there the ranks' partial sums are rounded before they are added, so
-    the sampled texts part after a few dozen tokens. What must hold: scored on the same text, the two-rank engine is
-    as close to an fp32 one as the single-process engine is (on this model, mean |logprob gap| ~0.02 for both)."""
+    """test_engine's snippet, verbatim but for the import, the model name and tensor_parallel_size. It runs on the
+    default device in the default dtype, bf16 on CPUs with fast bf16: there the ranks' partial sums are rounded
+    before they are added, so the sampled texts part after a few dozen tokens. What must hold: scored on the same
+    text, the two-rank engine is as close to an fp32 one as the single-process engine is (on this model, mean
+    |logprob gap| ~0.02 for both)."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("the snippet runs on the default device, CUDA here, and tensor_parallel_size=2 needs 2 GPUs")
     runs = {}
     for tensor_parallel_size in (1, 2):
         model_name = llm_dir
@@ -158,11 +165,11 @@ def _gone(pid: int, timeout: float) -> bool:
 def test_serve_with_two_ranks_answers_the_openai_client_and_drains(llm_dir, tmp_path):
     import openai
     from test_serve import Server
-    server = Server(llm_dir, tmp_path / "tp.log", "--tensor-parallel-size", "2", env=ONE_THREAD)
+    server = Server(llm_dir, tmp_path / "tp.log", "--tensor-parallel-size", "2", "--device", DEVICE, env=ONE_THREAD)
     try:
         [worker] = _children(server.proc.pid)
         client = openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0)
-        with LLM(llm_dir, dtype="float32") as offline:
+        with LLM(llm_dir, dtype="float32", device=DEVICE) as offline:
             prompts = ["def fibonacci(n):\n", "import os\n"]
             ref = offline.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
             conv = [{"role": "user", "content": "Hi"}]
@@ -183,14 +190,14 @@ def test_serve_with_two_ranks_answers_the_openai_client_and_drains(llm_dir, tmp_
 ORPHAN_SCRIPT = """
 import sys, time
 from dsv2 import LLM
-llm = LLM(sys.argv[1], dtype="float32", tensor_parallel_size=2)
+llm = LLM(sys.argv[1], dtype="float32", device=sys.argv[2], tensor_parallel_size=2)
 print(llm.workers.procs[0].pid, flush=True)
 time.sleep(600)
 """
 
 
 def test_a_killed_parent_leaves_no_worker_behind(tiny):
-    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, tiny], stdout=subprocess.PIPE, text=True,
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, tiny, DEVICE], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, **ONE_THREAD})
     try:
         worker = int(parent.stdout.readline())
@@ -203,8 +210,8 @@ def test_a_killed_parent_leaves_no_worker_behind(tiny):
 
 def test_torchrun_runs_the_same_command_on_every_rank(llm_dir, tmp_path):
     """One host standing in for several: rank 1 serves rank 0 inside LLM() and exits with it; only rank 0 prints."""
-    args = ["generate", "--model", llm_dir, "--dtype", "float32", "--temperature", "0", "--max-tokens", "12",
-            "def fibonacci(n):"]
+    args = ["generate", "--model", llm_dir, "--dtype", "float32", "--device", DEVICE, "--temperature", "0",
+            "--max-tokens", "12", "def fibonacci(n):"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "dsv2.cli", *args, "--tensor-parallel-size", "2"]
     env = {**os.environ, **ONE_THREAD}
