@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from ..model import Transformer
 from ..model.moe import Gate
+from .launch import torchrun_env
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,14 @@ def check_batch(batch_size: int, world_size: int) -> None:
 def world_from_env(device: str = "cpu") -> World | None:
     """The process group torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK, initialised (gloo on CPU, nccl on
     CUDA with this process on cuda:LOCAL_RANK); None when not launched that way, or alone (WORLD_SIZE=1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    env = torchrun_env()
+    if env is None or env.world_size == 1:
         return None
-    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} are not: launch "
-                         "several processes with `torchrun --nproc-per-node N $(which dsv2) train ...`, or unset "
-                         "WORLD_SIZE to train in one process")
+        raise ValueError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} not: launch several processes with "
+                         "`torchrun --nproc-per-node N $(which dsv2) train ...`, or unset RANK and WORLD_SIZE to "
+                         "train in one process")
     kind = torch.device(device).type
     if kind == "cuda":
         if torch.device(device).index is not None:
@@ -114,7 +116,7 @@ def world_from_env(device: str = "cpu") -> World | None:
                              "cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
         if not torch.cuda.is_available():
             raise ValueError("--device cuda, but torch sees no CUDA device here; use --device cpu")
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        dev = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(dev)
         dist.init_process_group("nccl", device_id=dev)
     elif kind == "cpu":
