@@ -7,12 +7,15 @@
       metrics.jsonl                         one JSON object per logging interval, evaluation and final evaluation
       checkpoints/step-00001000.pt          model, optimizer, step, RNG states, data position, log accumulators
       checkpoints/step-00001000.pt.sha256   its checksum, in sha256sum's format (`sha256sum -c` checks it too)
+      checkpoints/step-00001000/            the same, sharded, from a data-parallel run (sharded_checkpoint.py)
       superseded/<time>-after-step-N/       what a resume from step N set aside: later metrics and checkpoints
 
 A checkpoint is written with fileio.atomic_write (a temp file, fsynced, renamed over its name), its checksum landing
 first, so a crash mid-write leaves the previous checkpoints untouched and every step-*.pt has its checksum; only
 then are the oldest beyond `keep` removed. Loading verifies the checksum and tries the newest first, falling back to
 older ones when a file is damaged (flipped bits, a truncated copy); when none is intact it fails and changes nothing.
+One-process runs write step-N.pt; data-parallel runs write step-N/ directories (torch.distributed.checkpoint, a
+manifest of checksums); a run resumes from either kind, on any number of processes.
 """
 from __future__ import annotations
 
@@ -21,19 +24,21 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import time
 
 import numpy as np
 import torch
 
-from ..fileio import STAGING, atomic_write, file_sha256, fsync_dir
+from ..fileio import ASIDE, STAGING, atomic_write, file_sha256, fsync_dir, recover_directory
+from .sharded_checkpoint import read_sharded, verify_sharded
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 CHECKSUM = ".sha256"
 SUPERSEDED = "superseded"
-_NAME = re.compile(r"^step-(\d+)\.pt$")
+_NAME = re.compile(r"^step-(\d+)(\.pt)?$")
 
 
 class DamagedCheckpointError(ValueError):
@@ -41,12 +46,18 @@ class DamagedCheckpointError(ValueError):
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint, oldest first."""
+    """(step, path) of every complete checkpoint -- step-N.pt files and step-N/ directories -- oldest first."""
     d = os.path.join(run_dir, CHECKPOINTS)
     if not os.path.isdir(d):
         return []
-    found = [(int(m.group(1)), os.path.join(d, n)) for n in os.listdir(d) if (m := _NAME.match(n))]
+    found = [(int(m.group(1)), os.path.join(d, n)) for n in os.listdir(d)
+             if (m := _NAME.match(n)) and (os.path.isfile if m.group(2) else os.path.isdir)(os.path.join(d, n))]
     return sorted(found)
+
+
+def checkpoint_path(run_dir: str, step: int, sharded: bool = False) -> str:
+    name = f"step-{step:08d}"
+    return os.path.join(run_dir, CHECKPOINTS, name if sharded else name + ".pt")
 
 
 class _Sha256Writer:
@@ -64,22 +75,30 @@ class _Sha256Writer:
 
 
 def save_checkpoint(run_dir: str, step: int, state: dict, keep: int) -> str:
-    d = os.path.join(run_dir, CHECKPOINTS)
-    os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, f"step-{step:08d}.pt")
+    path = checkpoint_path(run_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_write(path, "wb") as f:
         hashed = _Sha256Writer(f)
         torch.save(state, hashed)
         with atomic_write(path + CHECKSUM) as c:  # before the checkpoint takes its name
             c.write(f"{hashed.sha256.hexdigest()}  {os.path.basename(path)}\n")
+    prune_checkpoints(run_dir, keep)
+    return path
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """After a save: remove all but the newest `keep` checkpoints, and what killed saves left behind."""
+    d = os.path.join(run_dir, CHECKPOINTS)
     for _, old in list_checkpoints(run_dir)[:-keep]:
-        os.remove(old)
+        _remove(old)
         _remove(old + CHECKSUM)
-    for name in os.listdir(d):  # what killed saves left: partial temp files, checksums of files never renamed in
+    for name in os.listdir(d):
+        if name.endswith(ASIDE):  # a directory swap cut between its renames: finish it
+            recover_directory(os.path.join(d, name.removesuffix(ASIDE)))
+    for name in os.listdir(d):  # partial temp files and directories, checksums of files never renamed in
         orphan = name.endswith(CHECKSUM) and not os.path.exists(os.path.join(d, name.removesuffix(CHECKSUM)))
         if name.endswith(STAGING) or orphan:
             _remove(os.path.join(d, name))
-    return path
 
 
 def load_checkpoint(path: str) -> dict:
@@ -105,10 +124,26 @@ def load_checkpoint(path: str) -> dict:
         raise DamagedCheckpointError(f"{path}: truncated or corrupt ({type(e).__name__}: {reason})") from None
 
 
-def load_latest(run_dir: str, step: int | None = None) -> tuple[dict, str] | None:
-    """The newest intact checkpoint (with `step`: that one) and its path; None when the run has none yet.
-    A damaged one is reported and the one before it tried; when none is intact, DamagedCheckpointError names
-    every file and what was wrong with it."""
+def read_checkpoint(path: str, world=None) -> dict:
+    """A step-N.pt checkpoint whole, or a step-N/ directory's run state without its tensors (`load_sharded`
+    reads those into a model); DamagedCheckpointError when it is not intact. Collective for a directory with a
+    data-parallel `world`."""
+    if not os.path.isdir(path):
+        return load_checkpoint(path)
+    problem = verify_sharded(path, world)
+    if problem:
+        raise DamagedCheckpointError(problem)
+    try:
+        return read_sharded(path, world.rank if world is not None else 0)
+    except Exception as e:
+        raise DamagedCheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).split('. ')[0]})") from None
+
+
+def load_latest(run_dir: str, step: int | None = None, world=None) -> tuple[dict, str] | None:
+    """The newest intact checkpoint (with `step`: that one) and its path, as `read_checkpoint` returns it; None
+    when the run has none yet. A damaged one is reported and the one before it tried; when none is intact,
+    DamagedCheckpointError names every file and what was wrong with it. Every rank of a data-parallel `world`
+    calls it, and all get the same checkpoint."""
     d = os.path.join(run_dir, CHECKPOINTS)
     found = list_checkpoints(run_dir)
     if step is not None:
@@ -117,18 +152,18 @@ def load_latest(run_dir: str, step: int | None = None) -> tuple[dict, str] | Non
             raise FileNotFoundError(f"no checkpoint for step {step} in {d}; it holds steps "
                                     f"{', '.join(str(s) for s, _ in found) or 'none'}")
         try:
-            return load_checkpoint(paths[step]), paths[step]
+            return read_checkpoint(paths[step], world), paths[step]
         except DamagedCheckpointError as e:
             raise DamagedCheckpointError(f"{e}. Choose another step; {d} holds steps "
                                          f"{', '.join(str(s) for s, _ in found)}") from None
     problems = []
     for _, path in reversed(found):
         try:
-            state = load_checkpoint(path)
+            state = read_checkpoint(path, world)
         except DamagedCheckpointError as e:
             problems.append(str(e))
             continue
-        for p in problems:
+        for p in problems if world is None or world.main else ():
             print(f"warning: cannot read checkpoint {p}; using {os.path.basename(path)} instead", file=sys.stderr)
         return state, path
     if problems:
@@ -217,6 +252,7 @@ def set_aside_after(run_dir: str, step: int) -> str | None:
         os.mkdir(os.path.join(dest, CHECKPOINTS))
         for p in newer:
             for src in (p, p + CHECKSUM):  # the checkpoint first: none is ever left behind without its checksum
+                # (a step-N/ directory's checksums are inside it)
                 if os.path.exists(src):
                     os.rename(src, os.path.join(dest, CHECKPOINTS, os.path.basename(src)))
         fsync_dir(os.path.join(dest, CHECKPOINTS))
@@ -225,6 +261,9 @@ def set_aside_after(run_dir: str, step: int) -> str | None:
 
 
 def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+        return
     try:
         os.remove(path)
     except FileNotFoundError:

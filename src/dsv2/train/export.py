@@ -1,4 +1,5 @@
-"""`dsv2 export RUN_DIR OUT_DIR`: a training checkpoint -> a Hugging Face model directory.
+"""`dsv2 export RUN_DIR OUT_DIR`: a training checkpoint (one-process step-N.pt or data-parallel step-N/, in one
+process) -> a Hugging Face model directory.
 
 OUT_DIR gets config.json, model.safetensors (published per-expert key layout, via `write_model`), the tokenizer
 files the data was prepared with, and generation_config.json -- what `dsv2.load_model`, the dsv2 engine and
@@ -20,6 +21,7 @@ from ..fileio import atomic_directory
 from ..model import build_model
 from .checkpointing import load_latest
 from .loop import TOKENIZER_FILES
+from .sharded_checkpoint import load_sharded
 
 # DeepSeek-Coder-V2-Lite's generation_config.json sampling defaults, plus a mild repetition penalty: models as
 # small as the ones trained here on a CPU fall into loops without it
@@ -36,7 +38,10 @@ def export(run_dir: str, out_dir: str, step: int | None = None, dtype: torch.dty
                                 "--save-every steps and at the end)")
     state, path = loaded
     model = build_model(cfg, init=False)
-    model.load_state_dict(state["model"])
+    if "model" in state:
+        model.load_state_dict(state["model"])
+    else:  # a data-parallel run's sharded checkpoint, assembled into the whole model
+        load_sharded(path, model)
     tok_dir = os.path.join(run_dir, "tokenizer")
     copied = []
     with atomic_directory(out_dir, keep=lambda name: not is_weight_file(name)) as staging:
