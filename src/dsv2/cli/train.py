@@ -5,6 +5,7 @@
     dsv2 train --data data --out runs/r1 --model tiny-stdlib --steps 2000
     dsv2 train --resume --out runs/r1                 # after a crash, Ctrl-C or kill: continues exactly
     dsv2 train --resume --out runs/r1 --resume-step 800 --lr 5e-4   # back to before a loss spike, gentler
+    torchrun --nproc-per-node 4 $(which dsv2) train --data data --out runs/r2 --batch-size 32   # data parallel
     dsv2 plot runs/r1                                 # PNG charts in runs/r1/plots
     dsv2 export runs/r1 models/r1 --dtype bfloat16    # loads in dsv2 and transformers
     dsv2 evaluate models/r1 --data data               # held-out loss and bits per byte
@@ -76,7 +77,13 @@ def register(sub) -> None:
                                    "Advice: on a CPU start with --model tiny-stdlib (or train-small) and "
                                    "--batch-size 16 --seq-len 512; watch the validation loss in the progress bar "
                                    "and `dsv2 plot`. Ctrl-C saves a checkpoint; --resume continues exactly. "
-                                   "Every option left out on --resume keeps its value from the run.")
+                                   "Every option left out on --resume keeps its value from the run.\n\n"
+                                   "Data parallel: launch it with `torchrun --nproc-per-node N $(which dsv2) train "
+                                   "...` (gloo on CPU, nccl on CUDA with one GPU per process). --batch-size stays "
+                                   "the global batch, split over the N processes, so losses match one process; "
+                                   "weights, gradients and optimizer state are sharded (FSDP2) and checkpoints are "
+                                   "written sharded, each process its part. --resume works with any N, and from "
+                                   "one-process checkpoints too.")
     r.add_argument("--out", metavar="RUN_DIR", help="the run directory (config, metrics.jsonl, checkpoints); "
                                                      "required except with --print-config")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
@@ -89,7 +96,8 @@ def register(sub) -> None:
     r.add_argument("--print-config", action="store_true", help="print the model config --model describes and exit")
     g = r.add_argument_group("batch and length")
     g.add_argument("--seq-len", type=int, help="tokens per training window (default 512)")
-    g.add_argument("--batch-size", type=int, help="windows per micro-batch (default 16)")
+    g.add_argument("--batch-size", type=int, help="windows per micro-batch (default 16); under torchrun the global "
+                                                  "batch, split evenly over the processes")
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1); raises the "
                                                   "batch without the memory")
     g.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
@@ -132,7 +140,8 @@ def register(sub) -> None:
                                                                     "router); faster on GPUs and recent CPUs")
     g.add_argument("--grad-checkpointing", action="store_const", const=True,
                    help="recompute each layer in backward: much less activation memory, ~30%% slower")
-    g.add_argument("--device", help="cpu or cuda (default cpu)")
+    g.add_argument("--device", help="cpu or cuda (default cpu); under torchrun each process takes "
+                                    "cuda:LOCAL_RANK")
     g.add_argument("--threads", type=int, help="CPU threads (default: torch's choice, one per core)")
     g = r.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--log-every", type=int, help="steps per metrics.jsonl record (default 10)")
@@ -217,6 +226,7 @@ _TRAIN_FIELDS = ("data", "model", "seq_len", "batch_size", "grad_accum", "steps"
 
 
 def run_train(args) -> int:
+    from ..parallel.data_parallel import close, world_from_env
     from ..train.loop import train
     from ..train.presets import PRESETS
     from ..train.train_config import TrainConfig
@@ -243,12 +253,19 @@ def run_train(args) -> int:
         if "data" not in given:
             raise ValueError("--data is required for a new run (a directory from `dsv2 data prepare`)")
         tc = TrainConfig(**given)
+    world = world_from_env(tc.device)  # launched by torchrun: data parallel over its processes
+    main = world is None or world.main
     try:
-        summary = train(tc, args.out, resume=resume, progress=not args.quiet, resume_step=args.resume_step)
+        summary = train(tc, args.out, resume=resume, progress=not args.quiet, resume_step=args.resume_step,
+                        world=world)
     except FloatingPointError as e:  # divergence: the message says which checkpoint to go back to
-        print(f"dsv2 train: error: {e}", file=sys.stderr)
+        if main:
+            print(f"dsv2 train: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(summary))
+    finally:
+        close(world)
+    if main:
+        print(json.dumps(summary))
     return 130 if summary.get("stopped") else 0
 
 

@@ -7,6 +7,17 @@ global gradient norm is clipped, the scheduled learning rate set, and AdamW step
 Everything a step depends on is either a function of (seed, step) -- the batch, the sequences exempt from token
 dropping -- or saved in the checkpoint (weights, optimizer moments, RNG states, the logging interval's running
 sums), so on CPU a run killed at any moment and resumed logs bit-identical losses to an uninterrupted one.
+
+Data parallel (`world`, parallel/data_parallel.py; launched by torchrun): batch_size stays the global batch and rank
+r computes on its contiguous part [r B/N, (r+1) B/N) of every micro-batch, on an FSDP-sharded model. The per-rank
+means of the losses (cross-entropy over equal token counts, balance losses per sequence) average to the global
+batch's, and the expert-load counts add up, with one all-reduce per step; so the logged losses, gradient norms and
+loads are the one-process run's up to the order of the sums. Only rank 0 writes metrics.jsonl and prints.
+Token dropping is the exception: capacity is computed over the tokens a forward sees, and a rank sees its part, so
+it is per device, as in the paper (section 2.2.4). A DP=N run with --capacity-factor therefore drops differently
+from one process with the same global batch (which ranks the whole batch; a smaller part fluctuates more, so more
+is dropped); it drops as one process with batch B/N and N times the grad_accum would, except that the sequences
+exempt from dropping are drawn for the global batch. Without dropping the runs are equal.
 """
 from __future__ import annotations
 
@@ -26,13 +37,15 @@ from ..config import ModelConfig
 from ..model import build_model
 from ..model.moe import MoE, TokenDropping
 from ..progress import Progress
-from .checkpointing import (append_metrics, list_checkpoints, load_latest, rng_state, save_checkpoint,
-                            set_aside_after, set_rng_state)
+from ..parallel.data_parallel import RouterLog, World, apply_fsdp, check_batch, clip_grad_norm_
+from .checkpointing import (append_metrics, checkpoint_path, list_checkpoints, load_latest, prune_checkpoints,
+                            rng_state, save_checkpoint, set_aside_after, set_rng_state)
 from .data import TokenShards, TrainBatches, file_sha256, read_manifest
 from .evaluate import evaluate
 from .losses import BalanceCoefficients, LoadStats, balance_loss, cross_entropy
 from .optim import build_optimizer, lr_at
 from .presets import PRESETS, preset_config
+from .sharded_checkpoint import load_full, load_sharded, save_sharded
 from .train_config import TRAIN_CONFIG, TrainConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -63,9 +76,13 @@ def model_config_for(tc: TrainConfig, manifest: dict) -> ModelConfig:
     return cfg
 
 
-def _init_run_dir(tc: TrainConfig, cfg: ModelConfig, run_dir: str, manifest: dict) -> None:
+def _check_new_run_dir(run_dir: str) -> None:
     if os.path.exists(os.path.join(run_dir, TRAIN_CONFIG)):
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume, or choose another --out")
+
+
+def _init_run_dir(tc: TrainConfig, cfg: ModelConfig, run_dir: str, manifest: dict) -> None:
+    _check_new_run_dir(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     tc.save(run_dir)
     cfg.save(run_dir)
@@ -104,34 +121,45 @@ class _Interval:
 
 
 def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = True,
-          resume_step: int | None = None) -> dict:
+          resume_step: int | None = None, world: World | None = None) -> dict:
     """Train (or with resume=True continue) the run in `run_dir`; returns the final summary. resume_step: continue
-    from that checkpoint rather than the newest (implies resume)."""
+    from that checkpoint rather than the newest (implies resume). world: this process's place in a data-parallel
+    run (every rank calls train with the same arguments); None for one process."""
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    main = world is None or world.main  # logs, prints, writes the run directory
+    if world is not None:
+        check_batch(tc.batch_size, world.size)
     manifest = read_manifest(tc.data)
     state, resume = None, resume or resume_step is not None
     if resume:
         if not os.path.isfile(os.path.join(run_dir, TRAIN_CONFIG)):
             raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no {TRAIN_CONFIG})")
         # before anything is written: a run whose checkpoints are all damaged fails here, untouched
-        state = load_latest(run_dir, resume_step)
+        state = load_latest(run_dir, resume_step, world)
         cfg = ModelConfig.from_pretrained(run_dir)
-        tc.save(run_dir)  # the settings this continuation runs with
+        if main:
+            tc.save(run_dir)  # the settings this continuation runs with
     else:
         cfg = model_config_for(tc, manifest)
-        _init_run_dir(tc, cfg, run_dir, manifest)
+        if world is not None:  # every rank looks before rank 0 writes
+            _check_new_run_dir(run_dir)
+            world.barrier()
+        if main:
+            _init_run_dir(tc, cfg, run_dir, manifest)
     if cfg.vocab_size < manifest["tokenizer"]["vocab_size"]:
         raise ValueError(f"the model's vocab_size {cfg.vocab_size} is smaller than the data's tokenizer "
                          f"({manifest['tokenizer']['vocab_size']}); the data in {tc.data} is for another tokenizer")
 
-    device = torch.device(tc.device)
+    device = world.device if world is not None else torch.device(tc.device)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     random.seed(tc.seed)
     model = build_model(cfg, device=device, init=False)
-    model.init_weights(tc.init_std)
+    model.init_weights(tc.init_std)  # on every rank the same, the one-process model
     model.gradient_checkpointing = tc.grad_checkpointing
+    if world is not None:
+        apply_fsdp(model, world.mesh, tc.bf16)  # each rank keeps its 1/N
     model.train()
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     opt = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, tc.decay_embeddings,
@@ -145,24 +173,33 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
     step, elapsed, wall, interval = 0, 0.0, 0.0, _Interval()  # elapsed: training steps only; wall: everything
     if state is not None:
         state, path = state
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if "model" not in state:  # a step-N/ directory: DCP reads the shards each rank needs
+            load_sharded(path, model, opt)
+        elif world is not None:  # a one-process step-N.pt: every rank keeps its shards of the whole tensors
+            load_full(model, opt, state)
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         step, elapsed, wall = state["step"], state["elapsed_s"], state.get("wall_s", state["elapsed_s"])
         interval.sums = dict(state["interval"]["sums"])
         interval.stats.load_state_dict(state["interval"]["stats"])
         set_rng_state(state["rng"])
-        aside = set_aside_after(run_dir, step)
-        print(f"resuming {run_dir} from {os.path.basename(path)} (step {step}/{tc.steps})"
-              + (f"; what was recorded after step {step} moved to {aside}" if aside else ""), file=sys.stderr)
-    elif resume:
+        aside = set_aside_after(run_dir, step) if main else None
+        saved_by, now = state.get("world_size", 1), world.size if world is not None else 1
+        if main:
+            print(f"resuming {run_dir} from {os.path.basename(path)} (step {step}/{tc.steps})"
+                  + (f"; written by {saved_by} process(es), resharded to {now}" if saved_by != now else "")
+                  + (f"; what was recorded after step {step} moved to {aside}" if aside else ""), file=sys.stderr)
+    elif resume and main:
         aside = set_aside_after(run_dir, 0)
         print(f"no checkpoint in {run_dir} yet: starting from step 0"
               + (f"; the records logged so far moved to {aside}" if aside else ""), file=sys.stderr)
-    if step == 0:
+    if step == 0 and main:
         counts = cfg.param_counts()
         print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['activated'] / 1e6:.2f}M per token); "
               f"data: {batches.shards.tokens:,} training tokens in {batches.windows:,} windows of {tc.seq_len}; "
-              f"{tc.tokens_per_step:,} tokens per step", file=sys.stderr)
+              f"{tc.tokens_per_step:,} tokens per step"
+              + (f" over {world.size} processes" if world is not None else ""), file=sys.stderr)
 
     stop: list[int] = []
     handlers = {}
@@ -171,23 +208,30 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
             handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir, step, {
-            "format": "dsv2-train-checkpoint", "version": 1, "step": step, "elapsed_s": elapsed, "wall_s": wall,
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(),
-            "data": {"seed": tc.seed, "samples": step * tc.grad_accum * tc.batch_size,
-                     "epoch": batches.epoch_of(step * tc.grad_accum * tc.batch_size)},
-            "interval": {"sums": interval.sums, "stats": interval.stats.state_dict()},
-        }, tc.keep_checkpoints)
+        run = {"format": "dsv2-train-checkpoint", "version": 1, "step": step, "elapsed_s": elapsed, "wall_s": wall}
+        rest = {"data": {"seed": tc.seed, "samples": step * tc.grad_accum * tc.batch_size,
+                         "epoch": batches.epoch_of(step * tc.grad_accum * tc.batch_size)},
+                "interval": {"sums": interval.sums, "stats": interval.stats.state_dict()}}
+        if world is None:
+            save_checkpoint(run_dir, step, {**run, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                            "rng": rng_state(), **rest}, tc.keep_checkpoints)
+            return
+        save_sharded(checkpoint_path(run_dir, step, sharded=True), model, opt,
+                     {**run, "world_size": world.size, **rest}, rng_state(), world)
+        if main:
+            prune_checkpoints(run_dir, tc.keep_checkpoints)
 
-    bar = Progress(tc.steps * tc.tokens_per_step, "train", unit="tok", enabled=progress)
+    bar = Progress(tc.steps * tc.tokens_per_step, "train", unit="tok", enabled=progress and main)
     bar.total -= step * tc.tokens_per_step
     last_val = None
+    stopping = False  # the ranks' agreed answer to `stop`
+    eval_batch = tc.batch_size // (world.size if world is not None else 1)
     try:
-        while step < tc.steps and not stop:
+        while step < tc.steps and not stopping:
             t0 = time.perf_counter()
             lr = lr_at(step, tc.steps, tc.lr, tc.warmup_steps, tc.schedule, tc.decay_points, tc.decay_factor,
                        tc.min_lr_ratio)
-            out = train_step(model, opt, moes, batches, tc, coef, cfg, step, lr, interval.stats, device)
+            out = train_step(model, opt, moes, batches, tc, coef, cfg, step, lr, interval.stats, device, world)
             step += 1
             dt = time.perf_counter() - t0
             elapsed += dt
@@ -200,19 +244,22 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
             if step % tc.log_every == 0 or step == tc.steps:
                 samples = step * tc.grad_accum * tc.batch_size
                 rec = interval.record(step, lr, step * tc.tokens_per_step, batches.epoch_of(samples), elapsed)
-                append_metrics(run_dir, rec)
+                if main:
+                    append_metrics(run_dir, rec)
                 bar.update(int(s["steps"]) * tc.tokens_per_step,
                            postfix=f"step {step}/{tc.steps} loss {rec['loss']:.3f} lr {lr:.2e}"
                                    + (f" val {last_val:.3f}" if last_val is not None else ""))
                 interval = _Interval()
             if val is not None and (step % tc.eval_every == 0 or step == tc.steps):
-                ev = evaluate(model, val, tc.seq_len, tc.batch_size, limit=tc.eval_batches * tc.batch_size,
-                              bf16=tc.bf16)
+                ev = evaluate(model, val, tc.seq_len, eval_batch, limit=tc.eval_batches * tc.batch_size,
+                              bf16=tc.bf16, world=world)
                 last_val = ev["loss"]
-                append_metrics(run_dir, {"kind": "eval", "step": step, "tokens": step * tc.tokens_per_step,
-                                         "val_loss": ev["loss"], "val_tokens": ev["tokens"]})
+                if main:
+                    append_metrics(run_dir, {"kind": "eval", "step": step, "tokens": step * tc.tokens_per_step,
+                                             "val_loss": ev["loss"], "val_tokens": ev["tokens"]})
             wall += time.perf_counter() - t0
-            if step % tc.save_every == 0 or step == tc.steps or stop:
+            stopping = bool(stop) if world is None else bool(world.all_reduce_sum(torch.tensor([len(stop)])))
+            if step % tc.save_every == 0 or step == tc.steps or stopping:
                 checkpoint()
     except FloatingPointError as e:  # an exact resume from the newest checkpoint would diverge again, just as here
         saved = [s for s, _ in list_checkpoints(run_dir)]
@@ -233,57 +280,86 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
         bar.close()
         for sig, h in handlers.items():
             signal.signal(sig, h)
-    if stop:
-        print(f"stopped at step {step}; continue with `dsv2 train --resume --out {run_dir}`", file=sys.stderr)
+    if stopping:
+        if main:
+            print(f"stopped at step {step}; continue with `dsv2 train --resume --out {run_dir}`"
+                  + (" (under torchrun, with any number of processes)" if world is not None else ""), file=sys.stderr)
         return {"step": step, "stopped": True}
 
     summary = {"step": step, "tokens": step * tc.tokens_per_step, "elapsed_s": round(elapsed, 1),
                "wall_s": round(wall, 1),
                "tokens_per_s": round(step * tc.tokens_per_step / max(elapsed, 1e-9), 1)}
     if val is not None and tc.final_eval:
-        ev = evaluate(model, val, tc.seq_len, tc.batch_size, bf16=tc.bf16,
-                      progress=Progress(val.tokens, "held-out eval", unit="tok", enabled=progress))
+        ev = evaluate(model, val, tc.seq_len, eval_batch, bf16=tc.bf16, world=world,
+                      progress=Progress(val.tokens, "held-out eval", unit="tok", enabled=progress and main))
         summary.update(val_loss=ev["loss"], val_bits_per_byte=ev["bits_per_byte"], val_tokens=ev["tokens"],
                        val_bytes=ev["bytes"])
-        append_metrics(run_dir, {"kind": "final", **summary})
+        if main:
+            append_metrics(run_dir, {"kind": "final", **summary})
     return summary
 
 
 def train_step(model, opt, moes, batches, tc: TrainConfig, coef, cfg, step: int, lr: float, stats: LoadStats,
-                device) -> dict:
+               device, world: World | None = None) -> dict:
     """One optimizer step (step is 0-based); `batches.get(first_sample, batch_size)` supplies the data.
-    Returns the step's mean loss, cross-entropy, weighted balance losses and pre-clip gradient norm."""
+    Returns the step's mean loss, cross-entropy, weighted balance losses and pre-clip gradient norm -- over the
+    global batch also with a data-parallel `world`, where this rank computes on its part (collective)."""
+    first, B = world.part(tc.batch_size) if world is not None else (0, tc.batch_size)
     opt.zero_grad(set_to_none=True)
     out = dict.fromkeys(("loss", "ce", "expert", "device", "comm"), 0.0)
+    step_stats = LoadStats()
     for micro in range(tc.grad_accum):
-        x, y = batches.get((step * tc.grad_accum + micro) * tc.batch_size, tc.batch_size)
+        x, y = batches.get((step * tc.grad_accum + micro) * tc.batch_size + first, B)
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)  # [B, T]
         drop = None
         if tc.capacity_factor is not None and moes:
-            # ~no_drop_fraction of sequences are never dropped (paper 2.2.4); drawn from (seed, step, micro)
+            # ~no_drop_fraction of sequences are never dropped (paper 2.2.4); drawn from (seed, step, micro) for
+            # the global batch, of which this rank takes its part
             rng = np.random.default_rng([tc.seed, step, micro, 1])
-            exempt = torch.from_numpy(rng.random(tc.batch_size) < tc.no_drop_fraction).to(device)
-            drop = TokenDropping(tc.capacity_factor, exempt)
-        router_out = {} if moes else None
+            exempt = rng.random(tc.batch_size)[first:first + B] < tc.no_drop_fraction
+            drop = TokenDropping(tc.capacity_factor, torch.from_numpy(exempt).to(device))
+        router_out = RouterLog() if moes else None  # see RouterLog: FSDP would copy a plain dict
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16):
             logits = model(x, router_out=router_out, drop=drop)  # [B, T, V] fp32
         ce = cross_entropy(logits, y)
         loss = ce
         if moes:
             if coef.any:
-                aux, parts = balance_loss(router_out, tc.batch_size, cfg.num_groups, cfg.groups_per_token, coef)
+                aux, parts = balance_loss(router_out, B, cfg.num_groups, cfg.groups_per_token, coef)
                 loss = loss + aux
                 for k, v in parts.items():
                     out[k] += v / tc.grad_accum
-            stats.add(router_out)
-        (loss / tc.grad_accum).backward()
+            step_stats.add(router_out)
+        (loss / tc.grad_accum).backward()  # FSDP: the gradient's mean over ranks, reduce-scattered to the shards
         out["ce"] += ce.item() / tc.grad_accum
         out["loss"] += loss.item() / tc.grad_accum
         del logits, router_out
+    if world is not None:
+        out = _global_step(out, step_stats, world)
+    stats.merge(step_stats)
     if not math.isfinite(out["loss"]):
         raise FloatingPointError(f"the loss is {out['loss']} at step {step + 1}")  # train() says what to do
-    out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+    out["grad_norm"] = clip_grad_norm_(list(model.parameters()), tc.grad_clip)  # the global norm under FSDP
     for g in opt.param_groups:
         g["lr"] = lr
     opt.step()
     return out
+
+
+def _global_step(out: dict, stats: LoadStats, world: World) -> dict:
+    """The global batch's step record from every rank's (one all-reduce): the losses are means over equal parts,
+    so they average; the expert loads add up (`stats` is updated in place)."""
+    keys, layers = list(out), sorted(stats.counts)
+    flat = torch.cat([torch.tensor([out[k] for k in keys], dtype=torch.float64),
+                      *(stats.counts[layer] for layer in layers),
+                      torch.tensor([stats.assignments[layer] for layer in layers]
+                                   + [stats.dropped.get(layer, 0.0) for layer in layers], dtype=torch.float64)])
+    flat = world.all_reduce_sum(flat)
+    head, counts, tail = flat.split([len(keys), flat.numel() - len(keys) - 2 * len(layers), 2 * len(layers)])
+    for layer, c in zip(layers, counts.split([stats.counts[layer].numel() for layer in layers])):
+        stats.counts[layer] = c
+    for i, layer in enumerate(layers):
+        stats.assignments[layer] = float(tail[i])
+        if layer in stats.dropped:  # every rank drops, or none does
+            stats.dropped[layer] = float(tail[len(layers) + i])
+    return {k: float(v) / world.size for k, v in zip(keys, head)}

@@ -90,6 +90,13 @@ class LoadStats:
             if r.dropped is not None:
                 self.dropped[layer] = self.dropped.get(layer, 0.0) + float(r.dropped.sum())
 
+    def merge(self, other: "LoadStats") -> None:
+        for layer, c in other.counts.items():
+            self.counts[layer] = self.counts.get(layer, torch.zeros_like(c)) + c
+            self.assignments[layer] = self.assignments.get(layer, 0.0) + other.assignments[layer]
+        for layer, d in other.dropped.items():
+            self.dropped[layer] = self.dropped.get(layer, 0.0) + d
+
     def summary(self) -> dict[str, dict]:
         """layer -> load (per expert, relative to the mean; 1.0 = balanced), max/mean, coefficient of variation,
         dropped fraction."""
