@@ -180,6 +180,7 @@ class Workers:
         threads = cpu_threads_per_rank(world) if device.type == "cpu" else torch.get_num_threads()
         # prctl's parent-death signal fires when the starting *thread* ends: only trust it from the main thread
         pdeathsig = threading.current_thread() is threading.main_thread()
+        # the workers import the dsv2 this process runs, wherever it comes from (a checkout, a venv)
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
                "OMP_NUM_THREADS": str(threads)}
@@ -299,7 +300,7 @@ class Workers:
             where = "; ".join(said) if said else (
                 "if another rank died or hung, its log says why (torchrun prefixes each line with [rankN])"
                 if not self.procs else "every worker is still running")
-            failure = RuntimeError(f"the tensor-parallel step failed on rank 0 ({type(error).__name__}: {error}); "
+            failure = RuntimeError(f"the tensor-parallel engine failed on rank 0 ({type(error).__name__}: {error}); "
                                    f"{where}. The ranks may be out of step, so the engine stopped: create a new LLM "
                                    "(or restart dsv2)")
         self.failure = failure
