@@ -20,7 +20,8 @@ def _model_args(p) -> None:
     p.add_argument("--dtype", default="auto", help="bfloat16 (auto, the default), float16 or float32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
-                   help="latent cache size, e.g. 4GiB (default: most of free GPU memory / a quarter of free RAM)")
+                   help="latent cache size, e.g. 4GiB, per rank with --tensor-parallel-size (default: most of free "
+                        "GPU memory / a quarter of free RAM, shared by the CPU ranks of a host)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion to accept")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="split the model over N processes: N GPUs (one per rank, nccl), or on CPU N ranks sharing "
