@@ -14,7 +14,7 @@ gpus=$($py -c "import torch; print(torch.cuda.device_count())")
 echo "GPUs: $gpus ($($py -c "import torch; print(torch.cuda.get_device_name(0))"))" | tee "$out/summary.md"
 
 echo "== distributed tests with NCCL" | tee -a "$out/summary.md"
-DSV2_TEST_DEVICE=cuda $py -m pytest -q -m distributed tests/test_parallel.py 2>&1 | tail -3 | tee -a "$out/summary.md"
+DSV2_TEST_DEVICE=cuda $py -m pytest -q -m distributed tests/test_parallel.py tests/test_engine_parallel.py 2>&1 | tail -3 | tee -a "$out/summary.md"
 
 model="$out/v2-lite-4layers"
 if [[ ! -f "$model/config.json" ]]; then
