@@ -1,7 +1,9 @@
 """Data-parallel training (torchrun, gloo, 2 processes on the CPU) against one process with the same global batch:
 the same losses, balance losses, gradient norms and expert loads; a SIGKILLed rank resumes bit for bit; sharded
 checkpoints resume in one process and one-process checkpoints under torchrun; an export of a sharded run loads in
-dsv2 and transformers. Each rank runs one thread."""
+dsv2 and transformers. Expert parallel (--expert-parallel 2, all-to-all dispatch) against one process with the
+routing groups as its devices: the same losses, balance losses and dropped tokens; its checkpoints reshard both
+ways and export the one-process weights. Each rank runs one thread."""
 import json
 import os
 import shutil
@@ -15,8 +17,11 @@ import torch
 
 from conftest import stdlib_text
 from dsv2.cli import main as cli
+from dsv2.config import ModelConfig
 from dsv2.parallel.data_parallel import check_batch
+from dsv2.parallel.expert_parallel import check_expert_parallel, ranks_reached
 from dsv2.train.checkpointing import DamagedCheckpointError, list_checkpoints, load_latest, read_metrics
+from dsv2.train.presets import PRESETS
 
 pytestmark = pytest.mark.distributed
 
@@ -168,14 +173,20 @@ def test_a_sigkilled_rank_resumes_under_torchrun_bit_for_bit(data_dir, runs, tmp
     assert _deterministic(a) == _deterministic(b)
 
 
-def test_checkpoints_reshard_between_one_and_two_processes(runs, tmp_path):
-    one, two = runs
+def _resume_swapped(one: str, two: str, tmp_path, two_args=()) -> tuple[str, str, list[str]]:
+    """Copies of the two-process run resumed from step 8 in one process and of the one-process run under torchrun
+    (two_args added), side by side: (to_one, to_two, their stderr)."""
     to_one, to_two = str(tmp_path / "two-to-one"), str(tmp_path / "one-to-two")
     shutil.copytree(two, to_one)
     shutil.copytree(one, to_two)
     resume = ["--resume-step", "8", "--quiet"]
-    procs = [_one(["train", "--out", to_one, *resume]), _two(["train", "--out", to_two, *resume])]
-    errs = [_finish(p) for p in procs]
+    procs = [_one(["train", "--out", to_one, *resume]), _two(["train", "--out", to_two, *resume, *two_args])]
+    return to_one, to_two, [_finish(p) for p in procs]
+
+
+def test_checkpoints_reshard_between_one_and_two_processes(runs, tmp_path):
+    one, two = runs
+    to_one, to_two, errs = _resume_swapped(one, two, tmp_path)
     assert f"from step-00000008 (step 8/{STEPS}); written by 2 process(es), resharded to 1" in errs[0], errs[0]
     assert f"from step-00000008.pt (step 8/{STEPS}); written by 1 process(es), resharded to 2" in errs[1], errs[1]
     for resumed, original in ((to_one, two), (to_two, one)):
@@ -226,3 +237,76 @@ def test_a_damaged_sharded_checkpoint_is_refused_and_the_previous_one_used(runs,
         f.write(b"x")
     with pytest.raises(DamagedCheckpointError, match="trainer.pt: checksum mismatch"):
         load_latest(run, step=STEPS)
+
+
+# --- expert parallel ---------------------------------------------------------------------------------------------
+# The debug preset with its 8 experts in n_group = 2 groups, topk_group = 1: in one process the balance losses'
+# devices and the capacity units are the 2 groups; with --expert-parallel 2 they are the 2 ranks, each holding one
+# group's 4 experts -- the same devices, so the runs must agree, token dropping included.
+
+@pytest.fixture(scope="module")
+def ep_runs(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ep")
+    config = root / "config.json"
+    config.write_text(json.dumps({**PRESETS["debug"], "n_group": 2, "topk_group": 1}))
+    one, ep = str(root / "one"), str(root / "ep")
+
+    def args(out):
+        return [str(config) if a == "debug" else a for a in _train_args(data_dir, out)] + ["--capacity-factor", "1.0"]
+
+    procs = [_one(args(one)), _two(args(ep) + ["--expert-parallel", "2"])]
+    errs = [_finish(p) for p in procs]
+    assert "routed experts split over groups of 2 ranks (4 per rank, a token reaches at most 1)" in errs[1], errs[1]
+    return one, ep
+
+
+def test_expert_parallel_logs_the_one_process_losses_and_drops(ep_runs):
+    one, ep = ep_runs
+    _assert_same_run(one, ep)
+    a = [r for r in read_metrics(one) if r["kind"] == "train"]
+    b = [r for r in read_metrics(ep) if r["kind"] == "train"]
+    assert b[0]["balance"]["device"] > 0 and b[0]["balance"]["comm"] > 0
+    for x, y in zip(a, b):  # capacity per rank over both ranks' tokens == per group over the global batch
+        assert [x["moe"][layer]["dropped"] for layer in "12"] == [y["moe"][layer]["dropped"] for layer in "12"]
+        assert "expert_parallel" not in x
+        traffic = y["expert_parallel"]
+        # a token reaches one rank (topk_group 1): about half of them the other one. A row that crosses costs its
+        # sender (64 + 2) fp32 + 2 int64 ids out and 64 fp32 gradients back, its receiver 64 fp32 back and
+        # (64 + 2) fp32 gradients: 1,056 bytes; per step 2 ranks x 2 micro-batches x 2 MoE layers x 64 tokens
+        assert 0.2 < traffic["crossed"] < 0.8
+        every_token = 2 * 2 * 2 * 64 * 1056
+        assert traffic["a2a_bytes_per_step"] == pytest.approx(traffic["crossed"] * every_token, rel=1e-3)
+    assert sum(x["moe"]["1"]["dropped"] for x in a) > 0  # dropping happened
+
+
+def test_expert_parallel_checkpoints_reshard_and_export_the_same_weights(ep_runs, tmp_path):
+    from dsv2 import load_model
+    one, ep = ep_runs
+    to_one, to_ep, errs = _resume_swapped(one, ep, tmp_path, ["--expert-parallel", "2"])
+    assert "the run was expert-parallel over 2 processes; on 1 every process holds every expert" in errs[0]
+    assert "written by 2 process(es), resharded to 1" in errs[0] and "resharded to 2" in errs[1]
+    for resumed in (to_one, to_ep):
+        _assert_same_run(one, resumed, first_step=9)
+    # the experts' slices are put back in their places: the EP run's export is the one-process run's model
+    assert cli(["export", ep, str(tmp_path / "x-ep")]) == 0
+    assert cli(["export", one, str(tmp_path / "x-one")]) == 0
+    a, b = load_model(str(tmp_path / "x-ep")).state_dict(), load_model(str(tmp_path / "x-one")).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+
+
+def test_expert_parallel_sizes_are_checked(data_dir, tmp_path, capsys):
+    lite = ModelConfig.from_dict(PRESETS["debug"]).replace(n_routed_experts=64, num_experts_per_tok=6, n_group=1,
+                                                           topk_group=1, topk_method="greedy")
+    v2 = lite.replace(n_routed_experts=160, n_group=8, topk_group=3, topk_method="group_limited_greedy")
+    assert [ranks_reached(lite, k) for k in (2, 4, 8, 16)] == [2, 4, 6, 6]  # greedy: top-6 over K ranks
+    assert [ranks_reached(v2, k) for k in (4, 8, 16, 32)] == [3, 3, 6, 6]  # M = 3 groups, a group per 1, 2, 4 ranks
+    check_expert_parallel(v2, 8, 16)
+    with pytest.raises(ValueError, match=r"--expert-parallel 3 must divide both the 12 processes and the 160 routed "
+                                         r"experts; valid sizes here: \[1, 2, 4\]"):
+        check_expert_parallel(v2, 3, 12)
+    assert cli(["train", "--data", data_dir, "--out", str(tmp_path / "r"), "--model", "debug", "--steps", "1",
+                "--expert-parallel", "2", "--quiet"]) == 1
+    assert "launch `torchrun --nproc-per-node 2 $(which dsv2) train ...`" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r")  # refused before anything was written

@@ -6,6 +6,7 @@
     dsv2 train --resume --out runs/r1                 # after a crash, Ctrl-C or kill: continues exactly
     dsv2 train --resume --out runs/r1 --resume-step 800 --lr 5e-4   # back to before a loss spike, gentler
     torchrun --nproc-per-node 4 $(which dsv2) train --data data --out runs/r2 --batch-size 32   # data parallel
+    torchrun --nproc-per-node 4 $(which dsv2) train ... --expert-parallel 4   # experts split over the 4 ranks
     dsv2 plot runs/r1                                 # PNG charts in runs/r1/plots
     dsv2 export runs/r1 models/r1 --dtype bfloat16    # loads in dsv2 and transformers
     dsv2 evaluate models/r1 --data data               # held-out loss and bits per byte
@@ -83,7 +84,9 @@ def register(sub) -> None:
                                    "the global batch, split over the N processes, so losses match one process; "
                                    "weights, gradients and optimizer state are sharded (FSDP2) and checkpoints are "
                                    "written sharded, each process its part. --resume works with any N, and from "
-                                   "one-process checkpoints too.")
+                                   "one-process checkpoints too. --expert-parallel K splits the routed experts "
+                                   "over groups of K of the processes (all-to-all dispatch), the paper's "
+                                   "devices.")
     r.add_argument("--out", metavar="RUN_DIR", help="the run directory (config, metrics.jsonl, checkpoints); "
                                                      "required except with --print-config")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
@@ -143,6 +146,12 @@ def register(sub) -> None:
     g.add_argument("--device", help="cpu or cuda (default cpu); under torchrun each process takes "
                                     "cuda:LOCAL_RANK")
     g.add_argument("--threads", type=int, help="CPU threads (default: torch's choice, one per core)")
+    g.add_argument("--expert-parallel", type=int, metavar="K",
+                   help="under torchrun: split each MoE layer's routed experts over groups of K processes (the "
+                        "paper's devices), tokens sent to them by all-to-all; the device and communication balance "
+                        "losses and token dropping then count those K ranks (set n_group = K for the paper's "
+                        "device-limited routing). K divides the processes and the experts (default 1: every "
+                        "process holds every expert, FSDP-sharded)")
     g = r.add_argument_group("logging, evaluation and checkpoints")
     g.add_argument("--log-every", type=int, help="steps per metrics.jsonl record (default 10)")
     g.add_argument("--eval-every", type=int, help="steps between validation losses (default 200)")
@@ -222,7 +231,8 @@ _TRAIN_FIELDS = ("data", "model", "seq_len", "batch_size", "grad_accum", "steps"
                  "decay_points", "decay_factor", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
                  "decay_embeddings", "decay_router", "init_std", "aux_expert", "aux_device", "aux_comm",
                  "capacity_factor", "no_drop_fraction", "bf16", "grad_checkpointing", "eval_every", "eval_batches",
-                 "final_eval", "log_every", "save_every", "keep_checkpoints", "seed", "device", "threads")
+                 "final_eval", "log_every", "save_every", "keep_checkpoints", "seed", "device", "threads",
+                 "expert_parallel")
 
 
 def run_train(args) -> int:
@@ -255,6 +265,12 @@ def run_train(args) -> int:
         tc = TrainConfig(**given)
     world = world_from_env(tc.device)  # launched by torchrun: data parallel over its processes
     main = world is None or world.main
+    n = world.size if world is not None else 1
+    if resume and tc.expert_parallel > 1 and "expert_parallel" not in given and n % tc.expert_parallel:
+        if main:
+            print(f"the run was expert-parallel over {tc.expert_parallel} processes; on {n} every process holds "
+                  "every expert (pass --expert-parallel K, K dividing the processes, to split them)", file=sys.stderr)
+        tc = tc.replace(expert_parallel=1)
     try:
         summary = train(tc, args.out, resume=resume, progress=not args.quiet, resume_step=args.resume_step,
                         world=world)

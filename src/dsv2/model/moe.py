@@ -24,6 +24,7 @@ class RouterOutput:
     scores: torch.Tensor  # [T, E] fp32 softmax affinities s_{i,t}
     topk_idx: torch.Tensor  # [T, K]
     dropped: torch.Tensor | None = None  # [T, K] bool: assignments dropped for capacity (training only)
+    traffic: "Traffic | None" = None  # expert parallel: what the dispatch moved (parallel/expert_parallel.py)
 
 
 class Gate(nn.Module):
@@ -141,6 +142,20 @@ class TokenDropping:
     no_drop: torch.Tensor | None = None  # [B] bool: sequences whose assignments are never dropped
 
 
+def within_capacity(unit: torch.Tensor, priority: torch.Tensor, n_units: int, capacity_factor: float) -> torch.Tensor:
+    """Which of n assignments survive when each of the n_units units takes at most ceil(capacity_factor * n /
+    n_units) of them, best priority first (ties keep their order; priority above 1.0 -- the exempt sequences'
+    2.0 -- is never dropped). unit, priority [n] -> keep [n] bool."""
+    order = priority.argsort(descending=True, stable=True)
+    order = order[unit[order].argsort(stable=True)]  # grouped by unit, best first within each
+    counts = torch.bincount(unit, minlength=n_units)
+    first = counts.cumsum(0) - counts  # where each unit's run starts in `order`
+    rank = torch.empty_like(unit)
+    rank[order] = torch.arange(unit.numel(), device=unit.device) - first[unit[order]]
+    capacity = math.ceil(capacity_factor * unit.numel() / n_units)
+    return (rank < capacity) | (priority > 1.0)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -156,26 +171,24 @@ class MoE(nn.Module):
         ceil(capacity_factor * T*K / D) token-expert assignments -- factor 1.0 is the average load. Above that,
         the lowest-affinity assignments are dropped, except those of the sequences marked in `drop.no_drop`, which
         rank first and are always kept. scores [T, E], idx [T, K] -> keep [T, K] bool."""
+        unit, priority = self.assignments(scores, idx, n_seq, drop)
+        return within_capacity(unit, priority, self.n_units, drop.capacity_factor).view(idx.shape)
+
+    def assignments(self, scores: torch.Tensor, idx: torch.Tensor, n_seq: int,
+                    drop: TokenDropping) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each of the T*K assignments' unit (the device serving it) and priority: its affinity s_{i,t} in [0, 1],
+        or 2.0 for the sequences exempt from dropping. -> unit [T*K], priority [T*K], token-major."""
         T, K = idx.shape
         E, D = scores.shape[-1], self.n_units
-        unit = (idx // (E // D)).flatten()  # [T*K] which unit (device) serves each assignment
-        priority = scores.gather(1, idx).flatten()  # [T*K] affinity s_{i,t}, in [0, 1]
-        protected = torch.zeros_like(unit, dtype=torch.bool)
+        unit = (idx // (E // D)).flatten()  # [T*K]
+        priority = scores.gather(1, idx).flatten()  # [T*K]
         if drop.no_drop is not None:
             if drop.no_drop.numel() != n_seq:
                 raise ValueError(f"TokenDropping.no_drop marks {drop.no_drop.numel()} sequences but the batch has "
                                  f"{n_seq}")
             protected = drop.no_drop.to(unit.device).repeat_interleave(T // n_seq * K)  # tokens are row-major
             priority = priority.masked_fill(protected, 2.0)  # above any softmax score
-        # rank every assignment within its unit by descending priority (ties keep token order)
-        order = priority.argsort(descending=True, stable=True)
-        order = order[unit[order].argsort(stable=True)]  # grouped by unit, best first within each
-        counts = torch.bincount(unit, minlength=D)
-        first = counts.cumsum(0) - counts  # where each unit's run starts in `order`
-        rank = torch.empty_like(unit)
-        rank[order] = torch.arange(unit.numel(), device=unit.device) - first[unit[order]]
-        capacity = math.ceil(drop.capacity_factor * T * K / D)
-        return ((rank < capacity) | protected).view(T, K)
+        return unit, priority
 
     def forward(self, x: torch.Tensor, router_out: dict | None = None,
                 drop: TokenDropping | None = None) -> torch.Tensor:

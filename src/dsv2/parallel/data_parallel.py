@@ -10,8 +10,8 @@ the seed (the one-process model, bit for bit), then `apply_fsdp` shards it in pl
 reduce-scattered as the mean over ranks: the mean of the ranks' mean losses over their equal parts is the global
 batch's mean loss, so the gradient is the one-process gradient, up to the order of the sums.
 
-The process grid is a DeviceMesh with one dimension, "dp"; expert parallelism would add an "ep" dimension to it
-(experts sharded over ep, FSDP over dp, the all-to-all dispatch inside the MoE layer's experts).
+The process grid is a DeviceMesh with one dimension, "dp". With `--expert-parallel K` (parallel/expert_parallel.py)
+the routed experts are split over groups of K ranks instead, outside FSDP, and served by all-to-all.
 """
 from __future__ import annotations
 
@@ -142,7 +142,12 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, bf16: bool = False) -> Tran
     autocast anyway) and reduce gradients in fp32. The routers stay fp32 (routing is a discrete choice; bf16 logits
     flip near-ties), and so do the embeddings and the final norm: as under autocast in one process, the residual
     stream stays fp32 (cast_forward_inputs=False). The one numerical difference from one-process bf16 autocast is
-    that the blocks' RMSNorm weights are rounded to bf16."""
+    that the blocks' RMSNorm weights are rounded to bf16.
+
+    Expert-parallel experts (already split by apply_expert_parallel) are left out: each rank keeps its slice whole
+    (fp32; autocast casts them per matmul as in one process)."""
+    from .expert_parallel import expert_parameters
+    ignored = set(expert_parameters(model)) or None
     fp32 = MixedPrecisionPolicy()
     low = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                cast_forward_inputs=False) if bf16 else fp32
@@ -150,12 +155,12 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, bf16: bool = False) -> Tran
         for m in block.modules():
             if isinstance(m, Gate):
                 fully_shard(m, mesh=mesh, mp_policy=fp32)
-        fully_shard(block, mesh=mesh, mp_policy=low)
+        fully_shard(block, mesh=mesh, mp_policy=low, ignored_params=ignored)
     fully_shard(model.model.norm, mesh=mesh, mp_policy=fp32)
     if not model.config.tie_word_embeddings:  # a tied matrix stays with the root unit, shared by both uses
         fully_shard(model.model.embed_tokens, mesh=mesh, mp_policy=fp32)
         fully_shard(model.lm_head, mesh=mesh, mp_policy=low)
-    fully_shard(model, mesh=mesh, mp_policy=fp32)
+    fully_shard(model, mesh=mesh, mp_policy=fp32, ignored_params=ignored)
     return model
 
 

@@ -18,6 +18,11 @@ it is per device, as in the paper (section 2.2.4). A DP=N run with --capacity-fa
 from one process with the same global batch (which ranks the whole batch; a smaller part fluctuates more, so more
 is dropped); it drops as one process with batch B/N and N times the grad_accum would, except that the sequences
 exempt from dropping are drawn for the global batch. Without dropping the runs are equal.
+
+Expert parallel (`tc.expert_parallel` = K > 1, parallel/expert_parallel.py): the same, with each MoE layer's routed
+experts split over groups of K ranks and tokens dispatched to them by all-to-all; the balance losses' devices are
+those K ranks, capacity is per rank over the group's tokens, and each record logs the all-to-all bytes per step and
+the fraction of tokens that crossed ranks.
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ from ..model import build_model
 from ..model.moe import MoE, TokenDropping
 from ..progress import Progress
 from ..parallel.data_parallel import RouterLog, World, apply_fsdp, check_batch, clip_grad_norm_
+from ..parallel.expert_parallel import (ExpertParallel, apply_expert_parallel, check_expert_parallel,
+                                        expert_parallel_group, reduce_expert_grads)
+from ..parallel.expert_parallel import clip_grad_norm_ as clip_expert_parallel_grad_norm_
 from .checkpointing import (append_metrics, checkpoint_path, list_checkpoints, load_latest, prune_checkpoints,
                             rng_state, save_checkpoint, set_aside_after, set_rng_state)
 from .data import TokenShards, TrainBatches, file_sha256, read_manifest
@@ -102,6 +110,7 @@ def _init_run_dir(tc: TrainConfig, cfg: ModelConfig, run_dir: str, manifest: dic
 class _Interval:
     """Running sums over one logging interval; saved in checkpoints so a resumed interval averages the same."""
     KEYS = ("loss", "ce", "expert", "device", "comm", "grad_norm", "steps", "seconds", "tokens")
+    EP_KEYS = ("a2a_bytes", "crossed")  # expert-parallel runs only
 
     def __init__(self):
         self.sums = dict.fromkeys(self.KEYS, 0.0)
@@ -115,6 +124,9 @@ class _Interval:
                "lr": lr, "grad_norm": self.sums["grad_norm"] / n,
                "tokens_per_s": round(self.sums["tokens"] / max(self.sums["seconds"], 1e-9), 1),
                "elapsed_s": round(elapsed, 1)}
+        if "a2a_bytes" in self.sums:
+            rec["expert_parallel"] = {"a2a_bytes_per_step": round(self.sums["a2a_bytes"] / n),
+                                      "crossed": round(self.sums["crossed"] / n, 4)}
         if self.stats.counts:
             rec["moe"] = self.stats.summary()
         return rec
@@ -130,6 +142,10 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
     main = world is None or world.main  # logs, prints, writes the run directory
     if world is not None:
         check_batch(tc.batch_size, world.size)
+    elif tc.expert_parallel > 1:
+        raise ValueError(f"--expert-parallel {tc.expert_parallel} splits the experts over processes: launch "
+                         f"`torchrun --nproc-per-node {tc.expert_parallel} $(which dsv2) train ...` (or a multiple "
+                         "of it), or leave --expert-parallel out to train in one process")
     manifest = read_manifest(tc.data)
     state, resume = None, resume or resume_step is not None
     if resume:
@@ -151,6 +167,10 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
         raise ValueError(f"the model's vocab_size {cfg.vocab_size} is smaller than the data's tokenizer "
                          f"({manifest['tokenizer']['vocab_size']}); the data in {tc.data} is for another tokenizer")
 
+    ep: ExpertParallel | None = None
+    if tc.expert_parallel > 1:
+        check_expert_parallel(cfg, tc.expert_parallel, world.size)  # before anything collective
+        ep = expert_parallel_group(world, tc.expert_parallel, cfg)
     device = world.device if world is not None else torch.device(tc.device)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
@@ -158,8 +178,10 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
     model = build_model(cfg, device=device, init=False)
     model.init_weights(tc.init_std)  # on every rank the same, the one-process model
     model.gradient_checkpointing = tc.grad_checkpointing
+    if ep is not None:
+        apply_expert_parallel(model, ep)  # each rank keeps its E/K experts of every layer
     if world is not None:
-        apply_fsdp(model, world.mesh, tc.bf16)  # each rank keeps its 1/N
+        apply_fsdp(model, world.mesh, tc.bf16)  # each rank keeps its 1/N of the rest
     model.train()
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     opt = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, tc.decay_embeddings,
@@ -199,7 +221,9 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
         print(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['activated'] / 1e6:.2f}M per token); "
               f"data: {batches.shards.tokens:,} training tokens in {batches.windows:,} windows of {tc.seq_len}; "
               f"{tc.tokens_per_step:,} tokens per step"
-              + (f" over {world.size} processes" if world is not None else ""), file=sys.stderr)
+              + (f" over {world.size} processes" if world is not None else "")
+              + (f"; routed experts split over groups of {ep.size} ranks ({cfg.n_routed_experts // ep.size} per rank, "
+                 f"a token reaches at most {ep.reach})" if ep is not None else ""), file=sys.stderr)
 
     stop: list[int] = []
     handlers = {}
@@ -231,7 +255,7 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
             t0 = time.perf_counter()
             lr = lr_at(step, tc.steps, tc.lr, tc.warmup_steps, tc.schedule, tc.decay_points, tc.decay_factor,
                        tc.min_lr_ratio)
-            out = train_step(model, opt, moes, batches, tc, coef, cfg, step, lr, interval.stats, device, world)
+            out = train_step(model, opt, moes, batches, tc, coef, cfg, step, lr, interval.stats, device, world, ep)
             step += 1
             dt = time.perf_counter() - t0
             elapsed += dt
@@ -241,6 +265,9 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
             s["steps"] += 1
             s["seconds"] += dt
             s["tokens"] += tc.tokens_per_step
+            for k in _Interval.EP_KEYS:
+                if k in out:
+                    s[k] = s.get(k, 0.0) + out[k]
             if step % tc.log_every == 0 or step == tc.steps:
                 samples = step * tc.grad_accum * tc.batch_size
                 rec = interval.record(step, lr, step * tc.tokens_per_step, batches.epoch_of(samples), elapsed)
@@ -300,13 +327,17 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
 
 
 def train_step(model, opt, moes, batches, tc: TrainConfig, coef, cfg, step: int, lr: float, stats: LoadStats,
-               device, world: World | None = None) -> dict:
+               device, world: World | None = None, ep: ExpertParallel | None = None) -> dict:
     """One optimizer step (step is 0-based); `batches.get(first_sample, batch_size)` supplies the data.
     Returns the step's mean loss, cross-entropy, weighted balance losses and pre-clip gradient norm -- over the
-    global batch also with a data-parallel `world`, where this rank computes on its part (collective)."""
+    global batch also with a data-parallel `world`, where this rank computes on its part (collective); with `ep`,
+    also the all-to-all bytes of the step over all ranks and the fraction of tokens that crossed ranks."""
     first, B = world.part(tc.batch_size) if world is not None else (0, tc.batch_size)
+    # the balance losses' devices: the expert-parallel ranks, or the routing groups standing in for them
+    devices, reach = (ep.size, ep.reach) if ep is not None else (cfg.num_groups, cfg.groups_per_token)
     opt.zero_grad(set_to_none=True)
     out = dict.fromkeys(("loss", "ce", "expert", "device", "comm"), 0.0)
+    traffic = torch.zeros(3, dtype=torch.float64)  # tokens, tokens that crossed ranks, bytes sent
     step_stats = LoadStats()
     for micro in range(tc.grad_accum):
         x, y = batches.get((step * tc.grad_accum + micro) * tc.batch_size + first, B)
@@ -325,11 +356,14 @@ def train_step(model, opt, moes, batches, tc: TrainConfig, coef, cfg, step: int,
         loss = ce
         if moes:
             if coef.any:
-                aux, parts = balance_loss(router_out, B, cfg.num_groups, cfg.groups_per_token, coef)
+                aux, parts = balance_loss(router_out, B, devices, reach, coef)
                 loss = loss + aux
                 for k, v in parts.items():
                     out[k] += v / tc.grad_accum
             step_stats.add(router_out)
+            for r in router_out.values():
+                if r.traffic is not None:
+                    traffic += torch.tensor([r.traffic.tokens, r.traffic.crossed, r.traffic.bytes], dtype=torch.float64)
         (loss / tc.grad_accum).backward()  # FSDP: the gradient's mean over ranks, reduce-scattered to the shards
         out["ce"] += ce.item() / tc.grad_accum
         out["loss"] += loss.item() / tc.grad_accum
@@ -339,7 +373,13 @@ def train_step(model, opt, moes, batches, tc: TrainConfig, coef, cfg, step: int,
     stats.merge(step_stats)
     if not math.isfinite(out["loss"]):
         raise FloatingPointError(f"the loss is {out['loss']} at step {step + 1}")  # train() says what to do
-    out["grad_norm"] = clip_grad_norm_(list(model.parameters()), tc.grad_clip)  # the global norm under FSDP
+    if ep is not None:
+        tokens, crossed, sent = world.all_reduce_sum(traffic).tolist()
+        out.update(a2a_bytes=sent, crossed=crossed / max(tokens, 1.0))
+        reduce_expert_grads(model, ep)
+        out["grad_norm"] = clip_expert_parallel_grad_norm_(model, tc.grad_clip, ep)
+    else:
+        out["grad_norm"] = clip_grad_norm_(list(model.parameters()), tc.grad_clip)  # the global norm under FSDP
     for g in opt.param_groups:
         g["lr"] = lr
     opt.step()

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from ..fileio import STAGING, atomic_directory, file_sha256
 from ..parallel.data_parallel import World
+from ..parallel.expert_parallel import global_expert_state, local_expert_slices
 
 MANIFEST = "MANIFEST.sha256"
 TRAINER = "trainer.pt"
@@ -49,6 +50,7 @@ def save_sharded(path: str, model: nn.Module, opt: torch.optim.Optimizer, traine
     with (atomic_directory(path) if world.main else nullcontext(staging)) as tmp:
         world.barrier()  # rank 0 has created it
         msd, osd = get_state_dict(model, opt)
+        global_expert_state(model, msd, osd)  # expert-parallel slices as parts of the whole tensors
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
         torch.save(rng, os.path.join(tmp, _rng_file(world.rank)))
         if world.main:
@@ -102,12 +104,16 @@ def load_sharded(path: str, model: nn.Module, opt: torch.optim.Optimizer | None 
     over any number of ranks (collective) or a plain model in one process."""
     if opt is None:
         state = {"model": get_model_state_dict(model)}
+        global_expert_state(model, state["model"])
         _dcp_load(state, path)
+        global_expert_state(model, state["model"], local=True)
         set_model_state_dict(model, state["model"])
         return
     msd, osd = get_state_dict(model, opt)  # templates: each rank's shards, which DCP fills in place
+    global_expert_state(model, msd, osd)
     state = {"model": msd, "optimizer": osd}
     _dcp_load(state, path)
+    global_expert_state(model, msd, osd, local=True)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -124,10 +130,18 @@ def load_full(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None
     """A one-process checkpoint's whole tensors (state["model"], state["optimizer"]) into a sharded model: every
     rank keeps its shards. The optimizer state is keyed by parameter index there; DCP keys it by name."""
     full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state["model"], options=full)
     name_of = {id(p): n for n, p in model.named_parameters()}
     names = [name_of[id(p)] for g in opt.param_groups for p in g["params"]]  # the optimizer's numbering
     saved = state["optimizer"]
-    by_name = {"state": {names[i]: s for i, s in saved["state"].items()},
+    by_name = {"state": {names[i]: dict(s) for i, s in saved["state"].items()},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    weights = dict(state["model"])
+    local_expert_slices(model, weights, by_name)  # an expert-parallel rank keeps its experts
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # whole tensors' (a DTensor's is global)
+    for name, s in by_name["state"].items():
+        for k, v in s.items():
+            if torch.is_tensor(v) and v.ndim and tuple(v.shape) != shapes[name]:
+                raise ValueError(f"the checkpoint's optimizer state {k} of {name} has shape {tuple(v.shape)}, the "
+                                 f"parameter {shapes[name]}: it was written for another model")
+    set_model_state_dict(model, weights, options=full)
     set_optimizer_state_dict(model, opt, by_name, options=full)

@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    expert_parallel: int = 1  # under torchrun: routed experts split over groups of this many ranks
 
     def __post_init__(self):
         def need(cond: bool, name: str, why: str):
@@ -69,6 +70,7 @@ class TrainConfig:
         need(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor", "must be positive")
         need(0 <= self.no_drop_fraction <= 1, "no_drop_fraction", "must be in [0, 1]")
         need(self.init_std is None or self.init_std > 0, "init_std", "must be positive")
+        need(self.expert_parallel >= 1, "expert_parallel", "must be >= 1")
 
     @property
     def tokens_per_step(self) -> int:
