@@ -244,17 +244,20 @@ def test_a_damaged_sharded_checkpoint_is_refused_and_the_previous_one_used(runs,
 # devices and the capacity units are the 2 groups; with --expert-parallel 2 they are the 2 ranks, each holding one
 # group's 4 experts -- the same devices, so the runs must agree, token dropping included.
 
+def _ep_args(data_dir, out):
+    config = os.path.join(os.path.dirname(data_dir), "ep-config.json")
+    if not os.path.isfile(config):
+        with open(config, "w") as f:
+            json.dump({**PRESETS["debug"], "n_group": 2, "topk_group": 1}, f)
+    return [config if a == "debug" else a for a in _train_args(data_dir, out)]
+
+
 @pytest.fixture(scope="module")
 def ep_runs(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ep")
-    config = root / "config.json"
-    config.write_text(json.dumps({**PRESETS["debug"], "n_group": 2, "topk_group": 1}))
     one, ep = str(root / "one"), str(root / "ep")
-
-    def args(out):
-        return [str(config) if a == "debug" else a for a in _train_args(data_dir, out)] + ["--capacity-factor", "1.0"]
-
-    procs = [_one(args(one)), _two(args(ep) + ["--expert-parallel", "2"])]
+    dropping = ["--capacity-factor", "1.0"]
+    procs = [_one(_ep_args(data_dir, one) + dropping), _two(_ep_args(data_dir, ep) + dropping + ["--expert-parallel", "2"])]
     errs = [_finish(p) for p in procs]
     assert "routed experts split over groups of 2 ranks (4 per rank, a token reaches at most 1)" in errs[1], errs[1]
     return one, ep
@@ -294,6 +297,21 @@ def test_expert_parallel_checkpoints_reshard_and_export_the_same_weights(ep_runs
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+
+
+def test_expert_parallel_over_replicated_groups_equals_one_process(data_dir, tmp_path):
+    """4 processes, experts split over 2: two groups hold the same experts (their gradients summed across the
+    groups) and each group serves half of every batch. Without dropping (capacity is per group's tokens), the one-
+    process run again."""
+    one, four = str(tmp_path / "one"), str(tmp_path / "four")
+    procs = [_one(_ep_args(data_dir, one)),
+             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                               "-m", "dsv2.cli", *_ep_args(data_dir, four), "--expert-parallel", "2"], env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
+    for p in procs:
+        _finish(p)
+    _assert_same_run(one, four)
+    assert all(0.2 < r["expert_parallel"]["crossed"] < 0.8 for r in read_metrics(four) if r["kind"] == "train")
 
 
 def test_expert_parallel_sizes_are_checked(data_dir, tmp_path, capsys):
