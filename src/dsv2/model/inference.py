@@ -84,7 +84,18 @@ def swap_matrices(module: nn.Module, mlp, linear, experts) -> None:
 
 def prepare_for_inference(model: Transformer, plan: InferencePlan) -> Transformer:
     """`model` (loaded in plan.weight_dtype) in the plan's inference form, in place; returns it."""
-    compute, rows, ws = plan.compute_dtype, plan.gemv_rows, Workspace()
+    workspace = Workspace()
+    prepare_part(model, plan, workspace)
+    if plan.compute_dtype != plan.weight_dtype:
+        model.model.embed_tokens = UpcastEmbedding(model.model.embed_tokens, plan.compute_dtype)
+    return model
+
+
+def prepare_part(model: nn.Module, plan: InferencePlan, ws: Workspace) -> nn.Module:
+    """The plan's swaps (fused attention, then every matrix in the plan's weight format) over any part of a model
+    -- the whole of it, or one block as a streaming loader reads it; `ws` is shared by the parts of one model.
+    The embedding is prepare_for_inference's."""
+    compute, rows = plan.compute_dtype, plan.gemv_rows
     prepare_attention(model, compute)
     upcast = compute != plan.weight_dtype  # weights stored narrower than the compute dtype
     keep = (lambda m: UpcastLinear(m, rows, ws)) if upcast else (lambda m: None)
@@ -98,8 +109,6 @@ def prepare_for_inference(model: Transformer, plan: InferencePlan) -> Transforme
     elif upcast:
         swap_matrices(model, lambda m: UpcastMLP(m, rows, ws), lambda m, name: UpcastLinear(m, rows, ws),
                       lambda e: UpcastExperts(e, rows, ws))
-    if upcast:
-        model.model.embed_tokens = UpcastEmbedding(model.model.embed_tokens, compute)
     model.requires_grad_(False)
     return model.eval()
 
