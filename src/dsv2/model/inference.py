@@ -84,8 +84,12 @@ def swap_matrices(module: nn.Module, mlp, linear, experts) -> None:
 
 def prepare_for_inference(model: Transformer, plan: InferencePlan) -> Transformer:
     """`model` (loaded in plan.weight_dtype) in the plan's inference form, in place; returns it."""
-    workspace = Workspace()
-    prepare_part(model, plan, workspace)
+    prepare_part(model, plan, Workspace())
+    return prepare_embedding(model, plan)
+
+
+def prepare_embedding(model: Transformer, plan: InferencePlan) -> Transformer:
+    """The token embedding as the plan computes: looked up in the stored dtype, handed on in the compute dtype."""
     if plan.compute_dtype != plan.weight_dtype:
         model.model.embed_tokens = UpcastEmbedding(model.model.embed_tokens, plan.compute_dtype)
     return model
