@@ -85,36 +85,37 @@ def swap_matrices(module: nn.Module, mlp, linear, experts) -> None:
 def prepare_for_inference(model: Transformer, plan: InferencePlan) -> Transformer:
     """`model` (loaded in plan.weight_dtype) in the plan's inference form, in place; returns it."""
     prepare_part(model, plan, Workspace())
-    return prepare_embedding(model, plan)
+    model.requires_grad_(False)
+    return prepare_embedding(model, plan).eval()
 
 
-def prepare_embedding(model: Transformer, plan: InferencePlan) -> Transformer:
-    """The token embedding as the plan computes: looked up in the stored dtype, handed on in the compute dtype."""
-    if plan.compute_dtype != plan.weight_dtype:
-        model.model.embed_tokens = UpcastEmbedding(model.model.embed_tokens, plan.compute_dtype)
-    return model
-
-
-def prepare_part(model: nn.Module, plan: InferencePlan, ws: Workspace) -> nn.Module:
-    """The plan's swaps (fused attention, then every matrix in the plan's weight format) over any part of a model
-    -- the whole of it, or one block as a streaming loader reads it; `ws` is shared by the parts of one model.
-    The embedding is prepare_for_inference's."""
-    compute, rows = plan.compute_dtype, plan.gemv_rows
-    prepare_attention(model, compute)
+def prepare_part(module: nn.Module, plan: InferencePlan, workspace: Workspace) -> nn.Module:
+    """One part of a model (a decoder block, a holder of lm_head, or the whole model) in the plan's inference form,
+    in place: its MLAs fused, its matrices swapped for the plan's weight format. A streaming loader calls this on
+    each part as soon as it is read, so only one part is ever held in the stored dtype."""
+    compute, rows, ws = plan.compute_dtype, plan.gemv_rows, workspace
+    prepare_attention(module, compute)
     upcast = compute != plan.weight_dtype  # weights stored narrower than the compute dtype
     keep = (lambda m: UpcastLinear(m, rows, ws)) if upcast else (lambda m: None)
     if plan.weights == "packed":
-        swap_matrices(model, PackedMLP, lambda m, name: keep(m) if name in KEEP_PLAIN else PackedLinear(m),
+        swap_matrices(module, PackedMLP, lambda m, name: keep(m) if name in KEEP_PLAIN else PackedLinear(m),
                       PackedExperts)
     elif plan.weights == "int8":
         k = plan.int8_kernel
-        swap_matrices(model, lambda m: Int8MLP(m, k),
+        swap_matrices(module, lambda m: Int8MLP(m, k),
                       lambda m, name: keep(m) if name in KEEP_PLAIN else Int8Linear(m, k), lambda e: Int8Experts(e, k))
     elif upcast:
-        swap_matrices(model, lambda m: UpcastMLP(m, rows, ws), lambda m, name: UpcastLinear(m, rows, ws),
+        swap_matrices(module, lambda m: UpcastMLP(m, rows, ws), lambda m, name: UpcastLinear(m, rows, ws),
                       lambda e: UpcastExperts(e, rows, ws))
-    model.requires_grad_(False)
-    return model.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def prepare_embedding(model: Transformer, plan: InferencePlan) -> Transformer:
+    """The token embedding handing on activations in the compute dtype (when weights are stored narrower)."""
+    if plan.compute_dtype != plan.weight_dtype:
+        model.model.embed_tokens = UpcastEmbedding(model.model.embed_tokens, plan.compute_dtype)
+    return model
 
 
 def quantize_int8(model: Transformer, kernel: bool = True) -> Transformer:
