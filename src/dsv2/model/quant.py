@@ -25,12 +25,23 @@ from .moe import ExpertGroup, Experts
 KERNEL_DTYPE = torch.bfloat16  # torch's int8 GEMV kernel is fast with bf16 activations, many times slower in fp32
 
 
+_CHUNK = 1 << 22  # elements converted to fp32 at a time while quantizing (16 MB)
+
+
 def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., N, K] -> (int8 [..., N, K], scale [..., N]) with w ~= q * scale[..., None]."""
-    w32 = w.detach().float()
-    scale = w32.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
-    q = (w32 / scale.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
-    return q, scale.to(scale_dtype)
+    """w [..., N, K] -> (int8 [..., N, K], scale [..., N]) with w ~= q * scale[..., None]. A block of rows at a time,
+    so the fp32 temporaries stay ~16 MB however big w is (a stack of experts, lm_head): what a streaming load holds
+    beside the model is the part being converted, not fp32 copies of it."""
+    rows = w.detach().reshape(-1, w.shape[-1])
+    q = torch.empty(rows.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(rows.shape[0], dtype=torch.float32, device=w.device)
+    step = max(1, _CHUNK // max(1, w.shape[-1]))
+    for a in range(0, rows.shape[0], step):
+        w32 = rows[a:a + step].to(torch.float32, copy=True)  # (divided in place below)
+        s = w32.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+        q[a:a + step] = w32.div_(s.unsqueeze(-1)).round_().clamp_(-127, 127)
+        scale[a:a + step] = s
+    return q.view(w.shape), scale.view(w.shape[:-1]).to(scale_dtype)
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
