@@ -5,8 +5,12 @@
 - absorbed: W_UK is folded into the query and W_UV applied after attention, so decode reads only the cached
   576-wide latent [c_kv | k_pe] -- multi-query attention with one key head. Used for decode over the paged cache.
 
+The paged cache holds each latent as it is (bf16 or fp32) or in DeepSeek's FP8 layout (Fp8Latent): written
+quantized, read back dequantized once per layer and step, before any head touches it.
+
 Shape legend: B batch, T tokens of a sequence, N flat tokens of an engine step, L context length,
-n heads, Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dq = Dn + Dr, Dv v_head_dim, R kv_lora_rank.
+n heads, Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dq = Dn + Dr, Dv v_head_dim, R kv_lora_rank,
+G fp8 scale groups of R, W bytes of one fp8 latent.
 """
 from __future__ import annotations
 
@@ -19,6 +23,88 @@ from torch import nn
 from ..config import ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rope
+
+
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+FP8_GROUP = 128  # DeepSeek's: one scale per 128 latent values
+
+
+@dataclass(frozen=True)
+class Fp8Latent:
+    """One cached latent in DeepSeek's FP8 layout (as FlashMLA stores it), W bytes per token and layer:
+
+        [ R float8_e4m3fn codes of c_kv | G fp32 scales | Dr bf16 values of k_pe ]    V2: 512 + 16 + 128 = 656 B
+
+    c_kv is cut into G groups; a group x is stored as x / s with s = amax|x| / 448, so its largest value lands on
+    e4m3's largest and every value keeps 3 mantissa bits (error <= 1/16 of the value, or 2^-10 s for the tiniest).
+    k_pe stays bf16: it carries the position, and rope's rotation spreads it over a wide range. Groups are 128
+    values when R is a multiple of 128 (every published model), else the largest divisor of R below 128 (R itself,
+    one group, when R <= 128: the tiny test models). The scales start 4-byte aligned and W is a multiple of 4, so
+    every part is a plain dtype view of a uint8 row."""
+    rank: int  # R
+    rope: int  # Dr
+
+    @classmethod
+    def for_config(cls, cfg: ModelConfig) -> Fp8Latent:
+        return cls(cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+
+    @property
+    def group_size(self) -> int:
+        return max(g for g in range(1, min(FP8_GROUP, self.rank) + 1) if self.rank % g == 0)
+
+    @property
+    def num_groups(self) -> int:
+        return self.rank // self.group_size
+
+    @property
+    def _scales_at(self) -> int:
+        return -(-self.rank // 4) * 4
+
+    @property
+    def _rope_at(self) -> int:
+        return self._scales_at + 4 * self.num_groups
+
+    @property
+    def bytes(self) -> int:
+        return -(-(self._rope_at + 2 * self.rope) // 4) * 4
+
+    def parts(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 rows [..., W] -> views [..., R] e4m3 codes, [..., G] fp32 scales, [..., Dr] bf16 k_pe."""
+        s, p = self._scales_at, self._rope_at
+        return (raw[..., :self.rank].view(torch.float8_e4m3fn), raw[..., s:p].view(torch.float32),
+                raw[..., p:p + 2 * self.rope].view(torch.bfloat16))
+
+    def quantize(self, latent: torch.Tensor) -> torch.Tensor:
+        """[N, R + Dr] -> [N, W] uint8."""
+        c_kv = latent[:, :self.rank].float().unflatten(-1, (self.num_groups, -1))  # [N, G, R/G]
+        scale = c_kv.abs().amax(-1, keepdim=True).clamp(min=1e-30) / E4M3_MAX  # [N, G, 1]; an all-zero group -> 0
+        raw = torch.zeros(latent.shape[0], self.bytes, dtype=torch.uint8, device=latent.device)
+        codes, scales, pe = self.parts(raw)
+        codes.copy_((c_kv / scale).clamp(-E4M3_MAX, E4M3_MAX).flatten(1))  # rounds to nearest
+        scales.copy_(scale.flatten(1))
+        pe.copy_(latent[:, self.rank:])
+        return raw
+
+    def dequantize(self, raw: torch.Tensor) -> torch.Tensor:
+        """[..., W] uint8 -> [..., R + Dr] fp32."""
+        codes, scales, pe = self.parts(raw)
+        out = torch.empty(*raw.shape[:-1], self.rank + self.rope, device=raw.device)
+        G = self.num_groups
+        torch.mul(e4m3_as_fp16(codes).float().unflatten(-1, (G, -1)), (scales * 256.0).unsqueeze(-1),
+                  out=out[..., :self.rank].unflatten(-1, (G, -1)))  # [..., G, R/G]
+        out[..., self.rank:] = pe
+        return out
+
+
+def e4m3_as_fp16(codes: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn codes -> fp16 numbers 2^-8 times theirs, exactly (except the NaN codes, which quantize never
+    writes). An e4m3 code's sign | exponent | mantissa bits moved into an fp16's sign | low exponent | high
+    mantissa bits make the same number times 2^-8 (subnormals too: both formats scale alike), and fp16 -> fp32 is
+    a vector instruction where torch's float8 -> fp32 is a scalar loop on CPU, ~5x slower. The slow twin is
+    codes.float() (tests/test_fp8_cache.py)."""
+    h = codes.view(torch.int8).to(torch.int16)  # sign-extended: bits 8..15 copy the sign
+    h.bitwise_left_shift_(7).bitwise_and_(~0x4000)  # sign at bit 15, exponent | mantissa at bits 7..13
+    return h.view(torch.float16)
 
 
 @dataclass
@@ -42,12 +128,13 @@ class PagedAttention:
     one token each and attend in the absorbed form, batched by decode_groups; the others are prefill chunks
     (decompressed form).
     """
-    kv_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, R + Dr]
+    kv_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, R + Dr], or [.., W] uint8 with fp8
     slot_mapping: torch.Tensor  # [N] where each new token's latent is written
     seq_slots: list[torch.Tensor]  # per sequence [L_s]
     query_ranges: list[tuple[int, int]]
     num_decode: int
     decode_groups: list[DecodeGroup] = field(default_factory=list)
+    fp8: Fp8Latent | None = None  # the caches hold latents in this FP8 layout; None: as they are
 
     def token_context_lengths(self, device=None) -> torch.Tensor:
         """[N]: the context length of the sequence each flat token belongs to (cached prefix + this step)."""
@@ -168,10 +255,14 @@ class MLA(nn.Module):
 
     # ---- engine step over the paged latent cache ---------------------------------------------------------
     def _attend_paged(self, q_nope, q_pe, c_kv, k_pe, attn: PagedAttention) -> torch.Tensor:
-        cache = attn.kv_caches[self.layer_idx]
-        flat = cache.view(-1, cache.shape[-1])  # [num_blocks * block_size, R + Dr]
+        cache, fp8 = attn.kv_caches[self.layer_idx], attn.fp8
+        flat = cache.view(-1, cache.shape[-1])  # [num_blocks * block_size, R + Dr] (or W bytes)
         latent_new = torch.cat([c_kv, k_pe], dim=-1)  # [N, R + Dr]
-        flat.index_copy_(0, attn.slot_mapping, latent_new.to(flat.dtype))
+        flat.index_copy_(0, attn.slot_mapping, fp8.quantize(latent_new) if fp8 else latent_new.to(flat.dtype))
+
+        def gather(slots):  # [L] -> [L, R + Dr]: one dequantize of the whole gathered context, shared by all heads
+            rows = flat.index_select(0, slots)
+            return fp8.dequantize(rows) if fp8 else rows
         out = q_nope.new_empty(*q_nope.shape[:-1], self.v_dim)  # [N, n, Dv]
 
         D = attn.num_decode
@@ -179,12 +270,12 @@ class MLA(nn.Module):
             q_abs = self.absorb_query(q_nope[:D], q_pe[:D])  # [D, n, R + Dr]
             if len(attn.decode_groups) == 1:  # the common case: no gather/scatter of rows
                 g = attn.decode_groups[0]
-                ctx = flat.index_select(0, g.slots).view(D, g.length, -1)  # [D, Lb, R + Dr]
+                ctx = gather(g.slots).view(D, g.length, -1)  # [D, Lb, R + Dr]
                 o_lat = self.attend_latent(q_abs, ctx, g.pad)
             else:
                 o_lat = q_abs.new_empty(D, q_abs.shape[1], self.rank)
                 for g in attn.decode_groups:
-                    ctx = flat.index_select(0, g.slots).view(-1, g.length, flat.shape[-1])  # [G, Lb, R + Dr]
+                    ctx = gather(g.slots).view(-1, g.length, self.rank + self.rope)  # [G, Lb, R + Dr]
                     o_lat[g.rows] = self.attend_latent(q_abs[g.rows], ctx, g.pad)
             if D == len(attn.slot_mapping):
                 return self.absorbed_output(o_lat)  # a decode-only step
@@ -197,7 +288,7 @@ class MLA(nn.Module):
             if L == b - a:  # no cached prefix: this chunk's own latents are the whole context
                 ctx_c, ctx_pe = c_kv[a:b], k_pe[a:b]
             else:
-                ctx_c, ctx_pe = flat.index_select(0, slots).split([self.rank, self.rope], dim=-1)
+                ctx_c, ctx_pe = gather(slots).split([self.rank, self.rope], dim=-1)
                 ctx_c, ctx_pe = ctx_c.to(c_kv.dtype), ctx_pe.to(k_pe.dtype)
             out[a:b] = self.attend_decompressed(q_nope[None, a:b], q_pe[None, a:b], ctx_c[None], ctx_pe[None],
                                                 q_offset=L - (b - a))[0]
