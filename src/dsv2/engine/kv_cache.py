@@ -1,15 +1,17 @@
 """The paged latent cache and its block allocator.
 
 MLA caches one latent per token and layer, [c_kv | k_pe] = kv_lora_rank + qk_rope_head_dim = 576 wide, shared by
-all heads. The cache is cut into blocks of block_size tokens; a sequence's block_table lists its blocks in order,
-so token i lives in slot block_table[i // block_size] * block_size + i % block_size.
+all heads: 576 values in the plan's cache dtype (kv_cache_dtype="auto"), or 656 bytes in DeepSeek's FP8 layout
+(kv_cache_dtype="fp8", model.mla.Fp8Latent), so the same memory holds 1.76x the tokens of bf16. The cache is cut
+into blocks of block_size tokens; a sequence's block_table lists its blocks in order, so token i lives in slot
+block_table[i // block_size] * block_size + i % block_size.
 
 Prefix caching: once a block is full and computed, it is registered under a hash of its whole prefix (a chain over
 the previous block's hash and this block's tokens). A new sequence whose leading tokens match reuses those blocks
 instead of recomputing them. Freed blocks keep their hash and stay findable until the allocator needs the memory,
 then the least recently freed goes first.
 
-Shape legend: NB num_blocks, BS block_size, D latent_dim.
+Shape legend: NB num_blocks, BS block_size, D the row of one token: latent_dim values, or Fp8Latent.bytes uint8.
 """
 from __future__ import annotations
 
@@ -23,20 +25,36 @@ import torch
 
 from ..capability import InferencePlan
 from ..config import ModelConfig
+from ..model.mla import Fp8Latent
 from .config import EngineConfig
 from .sequence import Sequence
 
 
-def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, latent_dim: int,
+def cache_row(cfg: ModelConfig, cache_dtype: torch.dtype, kv_cache_dtype: str = "auto") -> tuple[int, torch.dtype]:
+    """(D, dtype) of one token's row in one layer's cache: latent_dim values of cache_dtype, or for "fp8" the
+    Fp8Latent layout's bytes."""
+    if kv_cache_dtype == "fp8":
+        return Fp8Latent.for_config(cfg).bytes, torch.uint8
+    return cfg.latent_dim, cache_dtype
+
+
+def latent_bytes_per_token(cfg: ModelConfig, cache_dtype: torch.dtype = torch.bfloat16,
+                           kv_cache_dtype: str = "auto") -> int:
+    """Bytes one token takes in the latent cache, all layers (V2-Lite: 31,104 in bf16, 17,712 in fp8)."""
+    width, dtype = cache_row(cfg, cache_dtype, kv_cache_dtype)
+    return cfg.num_hidden_layers * width * dtype.itemsize
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, width: int,
                       dtype: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
     """One zeroed [NB, BS, D] latent cache per layer."""
-    return [torch.zeros(num_blocks, block_size, latent_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+    return [torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device) for _ in range(num_layers)]
 
 
-def num_blocks_for_memory(memory_bytes: int, num_layers: int, block_size: int, latent_dim: int,
+def num_blocks_for_memory(memory_bytes: int, num_layers: int, block_size: int, width: int,
                           dtype: torch.dtype) -> int:
     """How many blocks (of all layers together) fit in memory_bytes."""
-    bytes_per_block = num_layers * block_size * latent_dim * torch.tensor([], dtype=dtype).element_size()
+    bytes_per_block = num_layers * block_size * width * dtype.itemsize
     return max(0, int(memory_bytes) // bytes_per_block)
 
 
@@ -81,6 +99,7 @@ class CacheLayout:
     max_model_len: int
     bytes: int
     activation_bytes: int  # what was set aside for one step's activations before sizing
+    bytes_per_token: int  # all layers, as stored (kv_cache_dtype)
 
 
 def size_kv_cache(cfg: ModelConfig, plan: InferencePlan, engine: EngineConfig,
@@ -88,7 +107,8 @@ def size_kv_cache(cfg: ModelConfig, plan: InferencePlan, engine: EngineConfig,
     """How many cache blocks to allocate and the longest sequence they allow. The activations of the largest step
     (measured by a profile forward where possible, else estimated) are set aside before free memory is shared out.
     The layout is per process: every rank of a tensor-parallel group allocates one (see default_kv_cache_memory)."""
-    bytes_per_token = cfg.num_hidden_layers * cfg.latent_dim * torch.tensor([], dtype=plan.cache_dtype).element_size()
+    width, row_dtype = cache_row(cfg, plan.cache_dtype, engine.kv_cache_dtype)
+    bytes_per_token = latent_bytes_per_token(cfg, plan.cache_dtype, engine.kv_cache_dtype)
     bs = engine.block_size
     max_len = engine.max_model_len or cfg.max_position_embeddings
     chunk = min(engine.max_num_batched_tokens, max_len)
@@ -104,20 +124,21 @@ def size_kv_cache(cfg: ModelConfig, plan: InferencePlan, engine: EngineConfig,
         mem = min(mem, bytes_per_token * engine.max_num_seqs * (max_len + bs))
     else:
         mem = engine.kv_cache_memory
-    num_blocks = num_blocks_for_memory(mem, cfg.num_hidden_layers, bs, cfg.latent_dim, plan.cache_dtype)
+    num_blocks = num_blocks_for_memory(mem, cfg.num_hidden_layers, bs, width, row_dtype)
     capacity = num_blocks * bs
+    fp8_hint = " (kv_cache_dtype='fp8' holds ~1.75x the tokens)" if engine.kv_cache_dtype == "auto" else ""
     if capacity < bs * 2:
         raise ValueError(f"kv_cache_memory={mem} bytes holds only {capacity} tokens "
-                         f"({bytes_per_token} bytes per token); give the cache more memory")
+                         f"({bytes_per_token} bytes per token); give the cache more memory{fp8_hint}")
     if engine.max_model_len is None:
         max_model_len = min(cfg.max_position_embeddings, capacity)
     elif engine.max_model_len > capacity:
         raise ValueError(f"max_model_len={engine.max_model_len} needs {engine.max_model_len * bytes_per_token:,} bytes "
                          f"of latent cache but kv_cache_memory holds {capacity} tokens; raise kv_cache_memory or "
-                         "lower max_model_len")
+                         f"lower max_model_len{fp8_hint}")
     else:
         max_model_len = engine.max_model_len
-    return CacheLayout(num_blocks, bs, max_model_len, num_blocks * bs * bytes_per_token, activations)
+    return CacheLayout(num_blocks, bs, max_model_len, num_blocks * bs * bytes_per_token, activations, bytes_per_token)
 
 
 def _available_ram() -> int:

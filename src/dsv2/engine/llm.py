@@ -61,6 +61,10 @@ class LLM:
     the cache), swap_space, tokenizer (a directory), seed.
     cpu_weight_packing: reorder bf16 weights into oneDNN's blocked layout (default: wherever oneDNN's bf16 path
     works on this CPU; ~1.7x faster matrix-vector products, results equal to bf16 rounding).
+    kv_cache_dtype: "auto" (default) keeps latents in the plan's cache dtype (bf16; fp32 for fp32 models); "fp8"
+    stores them in DeepSeek's FP8 layout (e4m3 with a fp32 scale per 128 values, rope part bf16: 656 bytes per
+    token and layer instead of 1,152), so the same kv_cache_memory holds ~1.75x the tokens. Decode and prefix hits
+    dequantize on the fly; logits move by about e4m3's rounding (benchmarks/fp8_cache.py measures it).
     quantization: None (weights in `dtype`) or "int8": weight-only int8 with a scale per output row (model/quant.py);
     half the weight memory, faster single-sequence decode on CPU, logits within int8 rounding of the original.
     """
@@ -68,11 +72,11 @@ class LLM:
     def __init__(self, path: str | None = None, *, model: str | None = None, tokenizer: str | None = None,
                  dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
                  max_num_seqs: int = 256, max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
-                 kv_cache_memory: int | str | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
-                 seed: int = 0, tensor_parallel_size: int = 1, trust_remote_code: bool = False,
-                 enforce_eager: bool = False, gpu_memory_utilization: float | None = None,
-                 swap_space: float | None = None, cpu_weight_packing: bool | None = None,
-                 quantization: str | None = None, **unknown):
+                 kv_cache_memory: int | str | None = None, block_size: int = 16, kv_cache_dtype: str = "auto",
+                 enable_prefix_caching: bool = True, seed: int = 0, tensor_parallel_size: int = 1,
+                 trust_remote_code: bool = False, enforce_eager: bool = False,
+                 gpu_memory_utilization: float | None = None, swap_space: float | None = None,
+                 cpu_weight_packing: bool | None = None, quantization: str | None = None, **unknown):
         self.workers = None  # first: shutdown() works whatever fails below
         if unknown:
             raise TypeError(f"LLM() got unknown argument(s) {sorted(unknown)}")
@@ -88,7 +92,7 @@ class LLM:
                               max_num_batched_tokens=max(max_num_batched_tokens, block_size),
                               kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
                               gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
-                              enable_prefix_caching=enable_prefix_caching, seed=seed)
+                              kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching, seed=seed)
         directory = resolve_model_path(path)
         self.workers = start_workers(tensor_parallel_size, directory, device)  # None: this process alone
         self.tensor_parallel_size = tensor_parallel_size
@@ -122,7 +126,9 @@ class LLM:
         self.block_size, self.num_blocks = layout.block_size, layout.num_blocks
         self.cache_capacity_tokens = layout.num_blocks * layout.block_size
         self.kv_cache_bytes = layout.bytes  # per rank: each rank of a tensor-parallel group holds a copy
-        self.runner = ModelRunner(self.model, layout.num_blocks, layout.block_size, self.plan.cache_dtype)
+        self.kv_cache_bytes_per_token = layout.bytes_per_token  # all layers, as stored
+        self.runner = ModelRunner(self.model, layout.num_blocks, layout.block_size, self.plan.cache_dtype,
+                                  engine.kv_cache_dtype)
         self.allocator = BlockAllocator(layout.num_blocks, layout.block_size,
                                         enable_prefix_caching=engine.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=engine.max_num_seqs,
@@ -152,6 +158,11 @@ class LLM:
     @property
     def quantization(self) -> str | None:
         return self.plan.quantization
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """How the latent cache stores latents: "auto" or "fp8" (see the class docstring)."""
+        return self.engine_config.kv_cache_dtype
 
     @property
     def failure(self) -> RuntimeError | None:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model import PagedAttention, Transformer
-from ..model.mla import DecodeGroup
-from .kv_cache import allocate_kv_cache
+from ..model.mla import DecodeGroup, Fp8Latent
+from .kv_cache import allocate_kv_cache, cache_row
 from .scheduler import ScheduledSeq
 
 
@@ -59,13 +59,16 @@ def measure_activation_bytes(model: Transformer, num_tokens: int) -> int | None:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, cache_dtype: torch.dtype):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, cache_dtype: torch.dtype,
+                 kv_cache_dtype: str = "auto"):
         self.model = model
         self.config = model.config
         self.device = model.model.embed_tokens.weight.device
         self.block_size = block_size
-        self.kv_caches = allocate_kv_cache(self.config.num_hidden_layers, num_blocks, block_size,
-                                           self.config.latent_dim, cache_dtype, self.device)
+        self.fp8 = Fp8Latent.for_config(self.config) if kv_cache_dtype == "fp8" else None
+        width, dtype = cache_row(self.config, cache_dtype, kv_cache_dtype)
+        self.kv_caches = allocate_kv_cache(self.config.num_hidden_layers, num_blocks, block_size, width, dtype,
+                                           self.device)
         self._offsets = torch.arange(block_size)
 
     def _context_slots(self, block_table: list[int], length: int) -> torch.Tensor:
@@ -129,7 +132,7 @@ class ModelRunner:
         attn = PagedAttention(
             kv_caches=self.kv_caches, slot_mapping=torch.cat(slot_mapping).to(dev),
             seq_slots=[s.to(dev) for s in seq_slots], query_ranges=ranges, num_decode=step.num_decode,
-            decode_groups=self._decode_groups(seq_slots[:step.num_decode]))
+            decode_groups=self._decode_groups(seq_slots[:step.num_decode]), fp8=self.fp8)
         logits = self.model(torch.tensor(step.token_ids, device=dev), torch.cat(positions).to(dev), attn=attn,
                             logits_indices=torch.tensor(step.logits_indices, dtype=torch.long, device=dev))
         # logits: [len(logits_indices), V]
@@ -138,3 +141,30 @@ class ModelRunner:
 
     def run(self, batch: list[ScheduledSeq]) -> StepLogits:
         return self.execute(self.prepare(batch))
+
+    def forced_logits(self, prompts: list[list[int]], forced: list[list[int]]) -> list[torch.Tensor]:
+        """Teacher forcing through the cache, for accuracy measurements (tests/test_fp8_cache.py,
+        benchmarks/fp8_cache.py): each prompt is prefilled in one chunk, then the forced tokens (as many for every
+        sequence) are decoded one per step, all sequences in one batch, as generation runs them. Returns per
+        sequence the logits [1 + F, V] that follow the prompt and each forced token. Writes blocks 0.. of this
+        runner's cache: not for a runner an engine is scheduling on."""
+        bs, F = self.block_size, len(forced[0])
+        if any(len(f) != F for f in forced):
+            raise ValueError("forced_logits needs the same number of forced tokens for every sequence")
+        tables, first = [], 0
+        for p in prompts:
+            n = -(-(len(p) + F) // bs)
+            tables.append(list(range(first, first + n)))
+            first += n
+        if first > self.kv_caches[0].shape[0]:
+            raise ValueError(f"forced_logits needs {first} cache blocks; this runner has {self.kv_caches[0].shape[0]}")
+        out = [[self.execute(StepInputs(p, [0], [len(p)], [t], 0, [len(p) - 1], [0], {})).sample]
+               for p, t in zip(prompts, tables)]
+        S = len(prompts)
+        for i in range(F):
+            step = StepInputs([f[i] for f in forced], [len(p) + i for p in prompts], [1] * S, tables, S,
+                              list(range(S)), list(range(S)), {})
+            logits = self.execute(step).sample  # [S, V]
+            for s in range(S):
+                out[s].append(logits[s:s + 1])
+        return [torch.cat(o) for o in out]

@@ -410,7 +410,8 @@ def run_worker(rank: int, world: int, device: torch.device, ranks_on_host: int, 
                     layout = _size_together(model, plan, payload, ranks_on_host, control)
                 except ValueError:
                     continue  # every rank raised it: rank 0 tells the user and sends "stop"
-                runner = ModelRunner(model, layout.num_blocks, layout.block_size, plan.cache_dtype)
+                runner = ModelRunner(model, layout.num_blocks, layout.block_size, plan.cache_dtype,
+                                     payload.kv_cache_dtype)
             elif kind == "stop":
                 dist.destroy_process_group()
                 return 0
