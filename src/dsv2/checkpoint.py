@@ -148,6 +148,30 @@ def _read_rows(f, file: str, key: str, info: dict, data_start: int, rows: tuple[
     return torch.frombuffer(buf, dtype=dtype).view(shape)
 
 
+def _read_into(f, file: str, key: str, info: dict, data_start: int, t: "Target") -> bool:
+    """Read a stored tensor (or its rows t.rows) straight into t.tensor when nothing needs converting: same dtype, a
+    contiguous CPU destination. No buffer in between, so a streaming load holds nothing beside the model.
+    False when it does not apply (the caller reads and converts)."""
+    dest = t.tensor
+    if dest.device.type != "cpu" or not dest.is_contiguous() or dest.dtype != _TORCH_DTYPES.get(info["dtype"]):
+        return False
+    begin, end = info["data_offsets"]
+    if t.rows is not None:
+        shape = info["shape"]
+        row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+        begin, end = begin + t.rows[0] * row_bytes, begin + t.rows[1] * row_bytes
+    if end - begin != dest.numel() * dest.element_size():
+        return False  # a shape the caller's copy_ will report
+    if end == begin:
+        return True
+    f.seek(data_start + begin)
+    view = memoryview(dest.view(torch.uint8).view(-1).numpy()) if dest.dim() else memoryview(
+        dest.view(1).view(torch.uint8).numpy())
+    if f.readinto(view) != end - begin:
+        raise CheckpointError(f"{file}: truncated while reading {key!r}")
+    return True
+
+
 @dataclass
 class Target:
     """Where a stored tensor, or a block of it, goes: tensor = stored[rows[0]:rows[1], cols[0]:cols[1]] (None: the
@@ -174,7 +198,9 @@ def load_targets(files: dict[str, str], targets: dict[str, torch.Tensor | Target
                 t = targets[key]
                 t = t if isinstance(t, Target) else Target(t)
                 info = header[key]
-                if t.cols is None:
+                if t.cols is None and _read_into(f, file, key, info, data_start, t):
+                    pass  # read straight into place
+                elif t.cols is None:
                     t.tensor.copy_(_read_rows(f, file, key, info, data_start, t.rows))
                 else:  # a column block: whole rows are read, a bounded number at a time
                     r0, r1 = t.rows or (0, info["shape"][0])

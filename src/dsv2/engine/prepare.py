@@ -1,36 +1,151 @@
 """Model preparation for inference, apart from engine assembly: a checkpoint on disk -> the model an engine runs.
 
     plan = inference_plan(device, dtype, quantization)   # dsv2.capability: what this machine runs fast
-    model = load_for_inference(path, plan)               # load in plan.weight_dtype -> fuse attention ->
-                                                         # quantize / pack / upcast, by the plan
+    model = load_for_inference(path, plan)               # streamed part by part: read -> fuse attention ->
+                                                         # quantize / pack / upcast, by the plan -> next part
     model = load_for_inference(path, plan, ParallelContext(rank, world, group))   # one tensor-parallel rank:
-                                                         # built on meta -> sharded -> only its slices read
+                                                         # sharded on meta, only its slices read
 
-One pipeline, each step a transform over the readable model chosen by capability; quantize-while-loading slots in
-between reading a tensor and placing it.
+One pipeline, each step a transform over the readable model chosen by capability. The model is built on the meta
+device (no memory), then materialized and read one part at a time -- lm_head, each decoder block, the embedding
+and final norm -- and each part is put in its inference form (prepare_part) before the next is read. So the stored
+form of the whole model (bf16 for the published checkpoints) never exists at once: peak memory is the prepared
+model plus one part in the stored dtype, which is what lets int4 / int8 fit a checkpoint bigger than RAM. The
+checkpoint is validated as a whole before a byte of weight is read; a tensor that cannot be read is named, with
+its file, before anything is returned.
 """
 from __future__ import annotations
 
+import ctypes
+
+import torch
+from torch import nn
+
 from ..capability import InferencePlan
-from ..checkpoint import load_model, load_targets, resolve_model_path, validate
+from ..checkpoint import checkpoint_tensors, load_targets, resolve_model_path, validate
 from ..config import ModelConfig
 from ..model import Transformer, build_model
-from ..model.inference import prepare_for_inference
+from ..model.inference import prepare_embedding, prepare_part
+from ..model.moe import Experts
+from ..model.upcast import Workspace
 from ..parallel.tensor_parallel import ParallelContext, shard_model, shard_targets
+from ..progress import Progress
+
+LAYERS = "model.layers."
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim), where there is one to ask: a part's
+    stored form, freed once converted, otherwise stays resident in the allocator's arenas and adds up over the
+    parts. Elsewhere a no-op."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def load_for_inference(path: str, plan: InferencePlan, parallel: ParallelContext | None = None,
                        progress: bool = False) -> Transformer:
-    if parallel is None or parallel.world_size == 1:
-        model = load_model(path, dtype=plan.weight_dtype, device=plan.device, progress=progress)
-    else:
-        directory = resolve_model_path(path)
-        cfg = ModelConfig.from_pretrained(directory)
-        files = validate(cfg, directory)  # the whole checkpoint is checked, whichever slices this rank reads
-        model = shard_model(build_model(cfg, dtype=plan.weight_dtype, device="meta", init=False), parallel)
-        model.to_empty(device=plan.device)
-        if cfg.tie_word_embeddings:
-            model.lm_head.linear.weight = model.model.embed_tokens.weight
-        load_targets(files, shard_targets(model, parallel), progress)
-        model.eval()
-    return prepare_for_inference(model, plan)
+    directory = resolve_model_path(path)
+    cfg = ModelConfig.from_pretrained(directory)
+    files = validate(cfg, directory)  # the whole checkpoint is checked, whichever parts or slices are read
+    model = build_model(cfg, dtype=plan.weight_dtype, device="meta", init=False)
+    sharded = parallel is not None and parallel.world_size > 1
+    if sharded:
+        model = shard_model(model, parallel)
+    model.eval()
+
+    def targets(prefix: str | None) -> dict:
+        """Checkpoint key -> destination for one part: keys under `prefix`, or (None) the ones outside the layers."""
+        every = shard_targets(model, parallel) if sharded else checkpoint_tensors(model)
+        return {k: t for k, t in every.items() if (k.startswith(prefix) if prefix else not k.startswith(LAYERS))}
+
+    top = [model.model.embed_tokens, model.model.norm, model.lm_head]
+    bar = Progress(len(model.model.layers) + 1, "loading weights", unit="parts", enabled=progress)
+    for m in top:
+        m.to_empty(device=plan.device)
+    if cfg.tie_word_embeddings:
+        head = model.lm_head.linear if sharded else model.lm_head
+        head.weight = model.model.embed_tokens.weight
+    load_targets(files, targets(None))
+    # lm_head alone through the plan's swaps (given the whole model, they would take every part); held by the
+    # holder only, so that the stored form is freed as soon as it is replaced
+    holder = nn.Module()
+    holder.lm_head, model.lm_head = model.lm_head, None
+    workspace = Workspace()
+    prepare_part(holder, plan, workspace)
+    model.lm_head = holder.lm_head
+    del holder
+    bar.update(1)
+    for i, block in enumerate(model.model.layers):
+        experts = None if sharded else _converted_experts(block, plan, workspace)
+        block.to_empty(device=plan.device)
+        load_targets(files, targets(f"{LAYERS}{i}."))
+        if experts is not None:  # the routed experts one at a time, straight into their converted form
+            _fill_experts(experts, f"{LAYERS}{i}.mlp.experts.", files, cfg, plan, workspace)
+        prepare_part(block, plan, workspace)
+        release_freed_memory()
+        bar.update(1)
+    bar.close()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
+    if left:
+        raise RuntimeError(f"internal: {left[:3]} were never read (streaming loader)")
+    model.requires_grad_(False)
+    return prepare_embedding(model, plan).eval()
+
+
+def _converted(experts: nn.Module, plan: InferencePlan, workspace: Workspace) -> nn.Module:
+    """What the plan's swaps make of a (plain) Experts module."""
+    holder = nn.Module()
+    holder.experts = experts
+    prepare_part(holder, plan, workspace)
+    return holder.experts
+
+
+def _stacked(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t for n, t in [*module.named_parameters(), *module.named_buffers()] if t is not None}
+
+
+def _converted_experts(block: nn.Module, plan: InferencePlan, workspace: Workspace) -> nn.Module | None:
+    """For a MoE block still on the meta device: its routed experts' converted module, built on meta from the
+    shapes alone and put in the block's place (to_empty then allocates it), when the plan converts experts into
+    per-expert stacked tensors (int8, int4, upcast: every tensor [E, ...]), so that it can be filled one expert at
+    a time; None when experts are kept as they are, or converted into something else (oneDNN-packed: opaque
+    per-expert objects) -- those are read whole with their block."""
+    mlp = getattr(block, "mlp", None)
+    if not isinstance(getattr(mlp, "experts", None), Experts):
+        return None
+    n = mlp.experts.n_experts
+    try:
+        converted = _converted(mlp.experts, plan, workspace)
+    except (RuntimeError, NotImplementedError):  # a conversion that needs real data
+        return None
+    tensors = _stacked(converted)
+    if isinstance(converted, Experts) or not tensors or any(t.dim() == 0 or t.shape[0] != n
+                                                            for t in tensors.values()):
+        return None
+    if len(_stacked(converted)) != len(tensors) or any(not t.is_meta for t in tensors.values()):
+        return None
+    mlp.experts = converted
+    return converted
+
+
+def _fill_experts(converted: nn.Module, prefix: str, files: dict, cfg: ModelConfig, plan: InferencePlan,
+                  workspace: Workspace) -> None:
+    """Read each routed expert of one layer into a one-expert plain module, convert it the plan's way, and copy
+    the result into slot e of the converted stack: what is held beside the model is one expert. Bit for bit what
+    converting the whole stack gives (every format converts experts independently)."""
+    with torch.device("meta"):
+        one = Experts(cfg, 1)
+    one = one.to(plan.weight_dtype).to_empty(device=plan.device)
+    I = one.down_proj.shape[-1]
+    slots = _stacked(converted)
+    for e in range(converted.n_experts):
+        load_targets(files, {f"{prefix}{e}.gate_proj.weight": one.gate_up_proj.data[0, :I],
+                             f"{prefix}{e}.up_proj.weight": one.gate_up_proj.data[0, I:],
+                             f"{prefix}{e}.down_proj.weight": one.down_proj.data[0]})
+        with torch.no_grad():
+            for name, t in _stacked(_converted(one, plan, workspace)).items():
+                slots[name][e].copy_(t[0])
+        release_freed_memory()  # the expert's temporaries, before the next one's land elsewhere in the heap
