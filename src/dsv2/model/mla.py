@@ -38,7 +38,7 @@ class Fp8Latent:
     c_kv is cut into G groups; a group x is stored as x / s with s = amax|x| / 448, so its largest value lands on
     e4m3's largest and every value keeps 3 mantissa bits (error <= 1/16 of the value, or 2^-10 s for the tiniest).
     k_pe stays bf16: it carries the position, and rope's rotation spreads it over a wide range. Groups are 128
-    values when R is a multiple of 128 (every published model), else the largest divisor of R below 128 (R itself,
+    values when R is a multiple of 128 (every published model), else the largest divisor of R up to 128 (R itself,
     one group, when R <= 128: the tiny test models). The scales start 4-byte aligned and W is a multiple of 4, so
     every part is a plain dtype view of a uint8 row."""
     rank: int  # R
