@@ -23,12 +23,14 @@ X86 = cpu_capability().is_x86
 LEVEL = cpu_capability().level
 
 
-def fake_cpu(level: str, arch: str = "x86_64", bf16: bool | None = None, int8: bool = True) -> CpuCapability:
+def fake_cpu(level: str, arch: str = "x86_64", bf16: bool | None = None, int8: bool = True,
+             int4: bool = True) -> CpuCapability:
     """A CPU of another kind, for the planner (which is a pure function of what the checks found)."""
     fast = level == "avx512" if bf16 is None else bf16
     return CpuCapability(arch=arch, torch_level=level, level=level, forced=None,
                          onednn_bf16=fast and arch == "x86_64", fast_bf16=fast, fast_fp16=False, int8_gemv=int8,
-                         flags=(), reasons={"onednn_bf16": "fake", "fast_bf16": "fake", "int8_gemv": "fake"})
+                         flags=(), int4_kernel=int4, reasons={"onednn_bf16": "fake", "fast_bf16": "fake",
+                                                              "int8_gemv": "fake", "int4_kernel": "fake"})
 
 
 # ---- the capability check -----------------------------------------------------------------------------------
@@ -66,10 +68,27 @@ def test_nothing_x86_only_is_tried_on_arm(monkeypatch):
     assert inference_plan("cpu", "auto", capability=cap).weights in ("upcast", "plain")
 
 
-def test_the_int8_kernel_is_used_only_where_the_trial_passed():
+def test_the_int8_and_int4_kernels_are_used_only_where_their_trials_passed():
     cap = cpu_capability()
-    plan = inference_plan("cpu", "auto", "int8")
-    assert plan.int8_kernel == cap.int8_gemv
+    assert inference_plan("cpu", "auto", "int8").int8_kernel == cap.int8_gemv
+    assert inference_plan("cpu", "auto", "int4").int4_kernel == cap.int4_kernel
+    if cap.int4_kernel:  # the trial read torch's packing back, and says which it is
+        assert "packing: blocks of" in cap.reasons["int4_kernel"]
+
+
+def test_a_failing_int4_trial_switches_the_kernel_off(monkeypatch):
+    """A kernel that gives wrong answers (or none) is never chosen: the capability says why, the plan notes it."""
+    import dsv2.capability as capability
+
+    def wrong(x, w, group_size, scale_zeros):
+        return torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", wrong, raising=False)
+    cap = capability._detect.__wrapped__(None)
+    assert not cap.int4_kernel and "wrong results" in cap.reasons["int4_kernel"]
+    plan = inference_plan("cpu", "auto", "int4", capability=cap)
+    assert not plan.int4_kernel and "unavailable" in " ".join(plan.notes)
+    monkeypatch.setattr(capability, "int4_cpu_packing", lambda: None)  # a packing dsv2 cannot read back
+    assert "cannot read back" in capability._check_int4_kernel()[1]
 
 
 # ---- what each kind of CPU gets ------------------------------------------------------------------------------
@@ -112,8 +131,35 @@ def test_int8_plans():
     assert not p.int8_kernel and "dequantize" in p.notes[0]  # the kernel would round fp32 activations to bf16
     p = inference_plan("cpu", "auto", "int8", capability=fake_cpu("avx2", int8=False))
     assert not p.int8_kernel and "unavailable" in p.notes[0]
-    with pytest.raises(ValueError, match=r"quantization='int4'.*\['int8'\]"):
-        inference_plan("cpu", "auto", "int4")
+    with pytest.raises(ValueError, match=r"quantization='int3'.*\['int8', 'int4'\]"):
+        inference_plan("cpu", "auto", "int3")
+    with pytest.raises(ValueError, match="cpu_weight_packing=True and quantization='int8'"):
+        inference_plan("cpu", "auto", "int8", cpu_weight_packing=True)
+
+
+def test_int4_plans():
+    p = inference_plan("cpu", "auto", "int4", capability=fake_cpu("avx512"))
+    assert (p.weights, p.compute_dtype, p.int4_kernel, p.group_size) == ("int4", torch.bfloat16, True, 64)
+    assert "aten._weight_int4pack_mm_for_cpu" in p.kernels()[f"linear <= {p.gemv_rows} rows (decode)"]
+    p = inference_plan("cpu", "auto", "int4", capability=fake_cpu("avx2"), group_size=128)
+    assert (p.compute_dtype, p.cache_dtype, p.int4_kernel, p.group_size) == (torch.float32, torch.bfloat16, True, 128)
+    assert p.as_dict()["group_size"] == 128 and p.as_dict()["int4_kernel"]
+    p = inference_plan("cpu", "float32", "int4", capability=fake_cpu("avx2"))
+    assert not p.int4_kernel and "dequantize" in p.notes[0]  # the kernel would round fp32 activations to bf16
+    p = inference_plan("cpu", "auto", "int4", capability=fake_cpu("avx2", int4=False))
+    assert not p.int4_kernel and "int4 kernel unavailable (fake)" in p.notes[0]
+    assert all("by tiles" in v for k, v in p.kernels().items() if k.startswith("linear"))
+    with pytest.raises(ValueError, match="group_size=48: int4 takes one of"):
+        inference_plan("cpu", "auto", "int4", group_size=48)
+    with pytest.raises(ValueError, match="group_size=64 is for quantization='int4' only"):
+        inference_plan("cpu", "auto", "int8", group_size=64)
+
+
+@pytest.mark.skipif(not X86 or LEVEL == "default", reason="needs an x86 CPU with at least AVX2 to lower")
+def test_int4_plan_under_an_emulated_avx2_cpu(monkeypatch):
+    monkeypatch.setenv(ENV, "avx2")
+    p = inference_plan("cpu", "auto", "int4")
+    assert p.compute_dtype == torch.float32 and p.int4_kernel == cpu_capability().int4_kernel
 
 
 def test_cuda_plans_do_not_ask_the_cpu():
@@ -183,6 +229,9 @@ PLANS = {  # name -> LLM arguments and a CPU kind to plan for (None: this machin
     "auto-avx2": (dict(dtype="auto"), "avx2"),
     "int8-avx2": (dict(dtype="auto", quantization="int8"), "avx2"),
     "int8-fp32": (dict(dtype="float32", quantization="int8"), None),
+    "int4-here": (dict(dtype="auto", quantization="int4"), None),
+    "int4-avx2": (dict(dtype="auto", quantization="int4"), "avx2"),
+    "int4-fp32": (dict(dtype="float32", quantization="int4"), None),
     "bf16-plain": (dict(dtype="bfloat16", cpu_weight_packing=False), None),
     "fp32": (dict(dtype="float32"), None),
 }
@@ -199,8 +248,9 @@ def test_engine_on_every_plan_equals_a_full_forward_of_the_same_model(tiny, name
         monkeypatch.setenv(ENV, level)
     llm = LLM(tiny, block_size=4, max_num_batched_tokens=32, **kwargs)
     if level == "avx2" and X86 and LEVEL != "default":
-        assert llm.plan.weights in ("upcast", "int8") and llm.plan.compute_dtype == torch.float32
-    exact = llm.plan.compute_dtype == torch.float32 and llm.plan.weights != "upcast" and not llm.plan.int8_kernel
+        assert llm.plan.weights in ("upcast", "int8", "int4") and llm.plan.compute_dtype == torch.float32
+    exact = llm.plan.compute_dtype == torch.float32 and llm.plan.weights != "upcast" and not llm.plan.int8_kernel \
+        and not llm.plan.int4_kernel
     prompts = [torch.randint(2, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 23, 11)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, ignore_eos=True, max_tokens=12, logprobs=0))
     gaps, margins = [], []

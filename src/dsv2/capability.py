@@ -1,7 +1,7 @@
 """What this machine runs fast -- asked of the CPU and of torch, never assumed -- and, from that, how inference
 multiplies by each kind of weight. `dsv2 info --system` prints both, with the reason for every choice.
 
-    cap = cpu_capability()                       # CPU level, oneDNN bf16, the int8 GEMV kernel: each tried once
+    cap = cpu_capability()                       # CPU level, oneDNN bf16, the int8 and int4 kernels: each tried once
     plan = inference_plan("cpu", "auto", None)   # weight / compute dtypes and the kernel of every matmul kind
 
 DSV2_CPU_CAPABILITY=default|avx2|avx512 lowers what dsv2 believes the CPU can do (it never raises it), so the paths
@@ -24,6 +24,11 @@ ENV = "DSV2_CPU_CAPABILITY"
 # (measured on 2-core EPYC and Xeon machines, AVX-512 and emulated AVX2: the int8 GEMV beats dequantize + matmul up
 # to ~24 rows).
 GEMV_ROWS = 16
+# torch's CPU int4 kernel dequantizes the weights again for every 4 rows, so its cost grows with the rows; above this
+# many, dequantizing by tiles and multiplying there is faster (benchmarks/quant_kernels.py)
+INT4_KERNEL_ROWS = 32
+INT4_GROUP_SIZE = 64  # int4 weights per (scale, zero) pair by default (benchmarks/quant_kernels.py)
+INT4_GROUP_SIZES = (32, 64, 128)
 # torch's half-precision GEMV on CPUs without fast bf16 handles one row at a time (its cost grows with the rows),
 # so for bf16 weights computed in fp32, converting the weight and multiplying in fp32 wins from 3 rows on (2048 x
 # 2048, emulated AVX2: 0.83 vs 1.21 ms at 2 rows, 1.23 vs 1.22 at 3, 1.67 vs 1.57 at 4; benchmarks in BENCHMARKS.md)
@@ -45,6 +50,7 @@ class CpuCapability:
     fast_fp16: bool
     int8_gemv: bool  # torch's int8 weight-only GEMV kernel (aten._weight_int8pack_mm) gives right answers
     flags: tuple[str, ...]  # the vector-ISA flags the OS reports (informational)
+    int4_kernel: bool = False  # torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu) gives right answers
     reasons: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -54,7 +60,8 @@ class CpuCapability:
     def as_dict(self) -> dict:
         return {"arch": self.arch, "torch_capability": self.torch_level, "level": self.level, "forced": self.forced,
                 "onednn_bf16": self.onednn_bf16, "fast_bf16": self.fast_bf16, "fast_fp16": self.fast_fp16,
-                "int8_gemv": self.int8_gemv, "flags": list(self.flags), "reasons": dict(self.reasons)}
+                "int8_gemv": self.int8_gemv, "int4_kernel": self.int4_kernel, "flags": list(self.flags),
+                "reasons": dict(self.reasons)}
 
 
 def cpu_capability(force: str | None = None) -> CpuCapability:
@@ -95,9 +102,10 @@ def _detect(force: str | None) -> CpuCapability:
     reasons["fast_fp16"] = f"torch.ops.mkldnn._is_mkldnn_fp16_supported() = {fast_fp16}" if fast_bf16 or not x86 \
         else "no oneDNN half-precision GEMMs at this level"
     int8_gemv, reasons["int8_gemv"] = _check_int8_gemv()
+    int4_kernel, reasons["int4_kernel"] = _check_int4_kernel()
     return CpuCapability(arch=arch, torch_level=torch_level, level=level, forced=force, onednn_bf16=onednn_bf16,
                          fast_bf16=fast_bf16, fast_fp16=fast_fp16, int8_gemv=int8_gemv, flags=_cpu_flags(),
-                         reasons=reasons)
+                         int4_kernel=int4_kernel, reasons=reasons)
 
 
 def _mkldnn_supports(kind: str) -> bool:
@@ -149,6 +157,81 @@ def _check_int8_gemv() -> tuple[bool, str]:
         (False, "aten._weight_int8pack_mm gave wrong results on a trial matrix")
 
 
+@functools.lru_cache(maxsize=None)
+def int4_cpu_packing() -> tuple[int, bool] | None:
+    """How aten._convert_weight_to_int4pack_for_cpu lays out codes at the CPU level torch runs at, read off its
+    output (torch documents no layout): (rows per block, halves) -- for each k a block stores B/2 bytes, byte j
+    holding rows j and j + B/2 (halves) or rows 2j and 2j + 1 -- or None (no such op, or another layout)."""
+    op = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    if op is None:
+        return None
+    n, k = 144, 2  # whole blocks and, at any block size here, a last block of 16 rows
+    try:
+        rows = torch.arange(n, dtype=torch.int32)[:, None].expand(n, k).contiguous()
+        low, high = op(rows % 16, 1).flatten(), op(rows // 16, 1).flatten()  # each nibble names its row in 2 parts
+    except RuntimeError:
+        return None
+    seen = (((low & 15) + 16 * (high & 15)).tolist(), ((low >> 4) + 16 * (high >> 4)).tolist())
+    for block, halves in ((64, True), (32, True), (64, False), (32, False)):
+        want: tuple[list[int], list[int]] = ([], [])
+        for start in range(0, n, block):
+            b = min(block, n - start)
+            half = halves and b == block  # a last, shorter block holds pairs
+            for _ in range(k):
+                want[0].extend(start + (j if half else 2 * j) for j in range(b // 2))
+                want[1].extend(start + (j + b // 2 if half else 2 * j + 1) for j in range(b // 2))
+        if want == seen:
+            return block, halves
+    return None
+
+
+def _check_int4_kernel() -> tuple[bool, str]:
+    op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+    packing = int4_cpu_packing()
+    if op is None or packing is None:
+        return False, ("this torch build has no aten._weight_int4pack_mm_for_cpu" if op is None else
+                       "aten._convert_weight_to_int4pack_for_cpu packs in a layout dsv2 cannot read back")
+    try:  # 80 rows: a whole block and a shorter last one (at 64-row blocks); K = 128 in 4 groups of 32
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (80, 128), dtype=torch.int32, generator=g)
+        sz = torch.stack([torch.rand(4, 80, generator=g) / 16 + 1e-3, torch.randn(4, 80, generator=g) / 4], -1)
+        x = torch.randn(3, 128, generator=g).bfloat16()
+        y = op(x, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), 32, sz.bfloat16()).float()
+        s, z = sz.bfloat16().float().permute(2, 1, 0).unsqueeze(-1)  # [80, 4, 1]
+        w = ((q.view(80, 4, 32) - 8) * s + z).view(80, 128)
+        ref = x.float() @ w.T
+        ok = torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    except RuntimeError as e:
+        return False, f"aten._weight_int4pack_mm_for_cpu refused a trial: {str(e).splitlines()[0][:120]}"
+    block, halves = packing
+    layout = f"blocks of {block} rows, " + ("halves" if halves else "pairs")
+    return (True, f"aten._weight_int4pack_mm_for_cpu matched fp32 on a trial matrix (packing: {layout})") if ok else \
+        (False, "aten._weight_int4pack_mm_for_cpu gave wrong results on a trial matrix")
+
+
+@functools.lru_cache(maxsize=None)
+def int4_cuda_kernel(device: str) -> tuple[bool, str]:
+    """torch's CUDA int4 kernel (aten._weight_int4pack_mm, tinygemm) tried once on `device` against fp32."""
+    op = getattr(torch.ops.aten, "_weight_int4pack_mm", None)
+    if op is None:
+        return False, "this torch build has no aten._weight_int4pack_mm"
+    try:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (64, 256), dtype=torch.int32, generator=g)
+        sz = torch.stack([torch.rand(2, 64, generator=g) / 16 + 1e-3, torch.randn(2, 64, generator=g) / 4], -1)
+        x = torch.randn(3, 256, generator=g).bfloat16()
+        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 1::2] | (q[:, 0::2] << 4)).to(torch.uint8)
+                                                            .to(device), 8)
+        y = op(x.to(device), packed, 128, sz.bfloat16().to(device)).float().cpu()
+        s, z = sz.bfloat16().float().permute(2, 1, 0).unsqueeze(-1)
+        ref = x.float() @ ((q.view(64, 2, 128) - 8) * s + z).view(64, 256).T
+        ok = torch.allclose(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    except (RuntimeError, AssertionError) as e:
+        return False, f"aten._weight_int4pack_mm refused a trial: {str(e).splitlines()[0][:120]}"
+    return (True, "aten._weight_int4pack_mm matched fp32 on a trial matrix") if ok else \
+        (False, "aten._weight_int4pack_mm gave wrong results on a trial matrix")
+
+
 def _cpu_flags() -> tuple[str, ...]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -164,7 +247,7 @@ def _cpu_flags() -> tuple[str, ...]:
 # ---- the inference plan ---------------------------------------------------------------------------------------
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
            "fp16": torch.float16, "float32": torch.float32, "float": torch.float32, "fp32": torch.float32}
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
@@ -186,10 +269,11 @@ class InferencePlan:
              "upcast"  -- bf16/fp16 weights kept compact; a few rows (decode) run torch's half-precision GEMV, more
                           rows multiply in fp32 with the weight converted per call (CPUs without fast bf16 GEMMs)
              "int8"    -- int8 weights with a scale per output row (quantization="int8")
+             "int4"    -- int4 weights in groups of `group_size` inputs, a scale and zero each (quantization="int4")
              "plain"   -- nn.Linear in the weight dtype (fp32, CUDA, or what was asked for)
     """
     device: str
-    weight_dtype: torch.dtype  # the dtype weights are loaded in (int8 quantizes the matrices from it)
+    weight_dtype: torch.dtype  # the dtype weights are loaded in (int8 / int4 quantize the matrices from it)
     compute_dtype: torch.dtype  # activations, the residual stream, attention
     cache_dtype: torch.dtype  # the latent cache
     weights: str
@@ -197,6 +281,8 @@ class InferencePlan:
     int8_kernel: bool  # int8 decode rows through aten._weight_int8pack_mm (else dequantize)
     gemv_rows: int = GEMV_ROWS
     notes: tuple[str, ...] = ()
+    int4_kernel: bool = False  # int4 through torch's int4 kernel (CPU: decode rows; CUDA: all rows)
+    group_size: int | None = None  # int4: inputs per (scale, zero) pair
 
     def kernels(self) -> dict[str, str]:
         """Each kind of matmul -> the kernel that runs it, readable."""
@@ -209,8 +295,17 @@ class InferencePlan:
             gemm = f"fp32 GEMM: the {w} weight converted to fp32 for each call"
         elif self.weights == "int8":
             gemv = ("aten._weight_int8pack_mm (int8 weights dequantized in the kernel, bf16 activations)"
-                    if self.int8_kernel else f"dequantize to {c}, then {c} matmul")
-            gemm = f"dequantize to {c}, then {c} matmul"
+                    if self.int8_kernel else f"dequantize by tiles of rows to {c}, {c} matmul on each")
+            gemm = f"dequantize by tiles of rows to {c}, {c} matmul on each"
+        elif self.weights == "int4":
+            groups = f"int4 in groups of {self.group_size}"
+            gemm = f"{groups} dequantized by tiles of rows to {c}, {c} matmul on each"
+            if self.int4_kernel and self.device.startswith("cuda"):
+                gemv = gemm = f"aten._weight_int4pack_mm ({groups} dequantized in the kernel, bf16 activations)"
+            elif self.int4_kernel:
+                gemv = f"aten._weight_int4pack_mm_for_cpu ({groups} dequantized in the kernel, bf16 activations)"
+            else:
+                gemv = gemm
         else:
             gemv = gemm = f"torch {c} matmul" + (" (cuBLAS)" if self.device.startswith("cuda") else "")
         return {
@@ -227,6 +322,7 @@ class InferencePlan:
         return {"device": self.device, "weight_dtype": _name(self.weight_dtype),
                 "compute_dtype": _name(self.compute_dtype), "cache_dtype": _name(self.cache_dtype),
                 "weights": self.weights, "quantization": self.quantization, "gemv_rows": self.gemv_rows,
+                "int8_kernel": self.int8_kernel, "int4_kernel": self.int4_kernel, "group_size": self.group_size,
                 "kernels": self.kernels(), "notes": list(self.notes)}
 
 
@@ -235,46 +331,36 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def inference_plan(device: str | torch.device, dtype: str | torch.dtype = "auto", quantization: str | None = None,
-                   cpu_weight_packing: bool | None = None, capability: CpuCapability | None = None) -> InferencePlan:
+                   cpu_weight_packing: bool | None = None, capability: CpuCapability | None = None,
+                   group_size: int | None = None) -> InferencePlan:
     """The fastest faithful way to run a model on `device` with what the user asked for.
 
     dtype "auto": bf16 weights everywhere (the published checkpoints' dtype); computed in bf16 on CUDA and on CPUs
     with fast bf16 GEMMs, in fp32 elsewhere. An explicit dtype means weights *and* compute in that dtype.
-    quantization "int8": int8 weights; compute as for "auto" unless a dtype is given.
+    quantization "int8" / "int4": weight-only int8 / int4 matrices (group_size: int4's group, default
+    INT4_GROUP_SIZE); compute as for "auto" unless a dtype is given.
     cpu_weight_packing: None = where oneDNN takes the weights; False = never; True = required (error if not possible).
     """
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r} is not supported; use one of {list(QUANTIZATIONS)} "
-                         "(weight-only, per output row) or None")
+                         "(weight-only: int8 per output row, int4 in groups) or None")
+    if group_size is not None and (quantization != "int4" or group_size not in INT4_GROUP_SIZES):
+        raise ValueError(f"group_size={group_size}: int4 takes one of {list(INT4_GROUP_SIZES)}" if
+                         quantization == "int4" else f"group_size={group_size} is for quantization='int4' only")
     device = torch.device(device)
     asked = parse_dtype(dtype)
+    if quantization is not None:
+        return _quantized_plan(device, asked, quantization, cpu_weight_packing, capability,
+                               group_size or INT4_GROUP_SIZE)
     notes: list[str] = []
     if device.type != "cpu":
         d = asked or torch.bfloat16
         if cpu_weight_packing:
             raise ValueError("cpu_weight_packing=True needs device='cpu'")
-        if quantization == "int8":
-            return InferencePlan(str(device), d, d, d, "int8", "int8", False,
-                                 notes=("int8 decode rows dequantize on this device",))
         return InferencePlan(str(device), d, d, d, "plain", None, False)
 
     cap = capability or cpu_capability()
     fast = {torch.bfloat16: cap.fast_bf16, torch.float16: cap.fast_fp16, torch.float32: True}
-    if quantization == "int8":
-        compute = asked or (torch.bfloat16 if cap.fast_bf16 else torch.float32)
-        if cpu_weight_packing:
-            raise ValueError("cpu_weight_packing=True and quantization='int8' exclude each other: int8 weights are "
-                             "not prepacked")
-        # the kernel takes bf16 activations (it is many times slower in fp32): with an explicit fp32, dequantize
-        kernel = cap.int8_gemv and asked != torch.float32
-        if not cap.int8_gemv:
-            notes.append(f"int8 GEMV kernel unavailable ({cap.reasons.get('int8_gemv')}): decode dequantizes")
-        elif not kernel:
-            notes.append("dtype float32 asked for: int8 decode rows dequantize to fp32 (the int8 kernel rounds "
-                         "activations to bf16)")
-        stored = asked or torch.bfloat16  # what the matrices are quantized from; the embedding and norms stay in it
-        return InferencePlan("cpu", stored, compute, stored, "int8", "int8", kernel, notes=tuple(notes))
-
     weight = asked or torch.bfloat16
     if asked is None and not cap.fast_bf16:
         compute = torch.float32  # keep the weights compact, compute where this CPU is fast
@@ -295,3 +381,40 @@ def inference_plan(device: str | torch.device, dtype: str | torch.dtype = "auto"
         return InferencePlan("cpu", weight, compute, cache, "upcast", None, False, gemv_rows=UPCAST_GEMV_ROWS,
                              notes=tuple(notes))
     return InferencePlan("cpu", weight, compute, cache, "plain", None, False, notes=tuple(notes))
+
+
+def _quantized_plan(device: torch.device, asked: torch.dtype | None, quantization: str,
+                    cpu_weight_packing: bool | None, capability: CpuCapability | None,
+                    group_size: int) -> InferencePlan:
+    """int8 / int4 weights; the embedding and norms stay in the stored dtype (bf16 unless a dtype is given)."""
+    if cpu_weight_packing:
+        raise ValueError(f"cpu_weight_packing=True and quantization={quantization!r} exclude each other: quantized "
+                         "weights are not prepacked")
+    stored = asked or torch.bfloat16  # what the matrices are quantized from
+    group = group_size if quantization == "int4" else None
+    notes: list[str] = []
+    if device.type != "cpu":
+        int4, why = int4_cuda_kernel(str(device)) if device.type == "cuda" and quantization == "int4" else \
+            (False, f"no int4 kernel for {device.type}")
+        if quantization == "int8":
+            notes.append("int8 decode rows dequantize on this device")
+        elif not int4:
+            notes.append(f"int4 kernel unavailable ({why}): every product dequantizes by tiles")
+        return InferencePlan(str(device), stored, stored, stored, quantization, quantization, False,
+                             notes=tuple(notes), int4_kernel=int4, group_size=group)
+
+    cap = capability or cpu_capability()
+    compute = asked or (torch.bfloat16 if cap.fast_bf16 else torch.float32)
+    # the kernels take bf16 activations (they are many times slower in fp32): with an explicit fp32, dequantize
+    int8 = cap.int8_gemv and asked != torch.float32
+    int4 = cap.int4_kernel and asked != torch.float32
+    have, why = (cap.int8_gemv, cap.reasons.get("int8_gemv")) if quantization == "int8" else \
+        (cap.int4_kernel, cap.reasons.get("int4_kernel"))
+    if not have:
+        notes.append(f"{quantization} kernel unavailable ({why}): decode dequantizes by tiles (slower)")
+    elif asked == torch.float32:
+        notes.append(f"dtype float32 asked for: {quantization} decode rows dequantize to fp32 (the {quantization} "
+                     "kernel rounds activations to bf16)")
+    rows = INT4_KERNEL_ROWS if quantization == "int4" else GEMV_ROWS
+    return InferencePlan("cpu", stored, compute, stored, quantization, quantization, int8, gemv_rows=rows,
+                         notes=tuple(notes), int4_kernel=int4, group_size=group)

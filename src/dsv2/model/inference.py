@@ -19,13 +19,16 @@ from .layers import MLP
 from .mla import MLA
 from .moe import Experts
 from .packed import PackedExperts, PackedLinear, PackedMLP
+from .int4 import Int4Experts, Int4Linear, Int4MLP
 from .quant import Int8Experts, Int8Linear, Int8MLP
 from .transformer import Transformer
 from .upcast import UpcastEmbedding, UpcastExperts, UpcastLinear, UpcastMLP, Workspace
 
-# kv_b_proj is kept in its stored dtype by packing and int8: prefill decompresses the cache with it, and decode
+# kv_b_proj is kept in its stored dtype by packing, int8 and int4: prefill decompresses the cache with it, and decode
 # uses its per-head slices (W_UK, W_UV^T), which prepare_attention copies out in the compute dtype
 KEEP_PLAIN = ("kv_b_proj",)
+# an int4 plan keeps these in int8 (benchmarks/quant_kernels.py: ...)
+INT4_AS_INT8 = ("lm_head",)
 
 
 def fused_attention(mla: MLA, dtype: torch.dtype) -> MLA:
@@ -104,6 +107,14 @@ def prepare_part(module: nn.Module, plan: InferencePlan, workspace: Workspace) -
         k = plan.int8_kernel
         swap_matrices(module, lambda m: Int8MLP(m, k),
                       lambda m, name: keep(m) if name in KEEP_PLAIN else Int8Linear(m, k), lambda e: Int8Experts(e, k))
+    elif plan.weights == "int4":
+        k, k8 = dict(group_size=plan.group_size, kernel=plan.int4_kernel, kernel_rows=plan.gemv_rows), plan.int8_kernel
+
+        def linear(m: nn.Linear, name: str) -> nn.Module | None:
+            if name in KEEP_PLAIN:
+                return keep(m)
+            return Int8Linear(m, k8) if name in INT4_AS_INT8 else Int4Linear.from_linear(m, **k)
+        swap_matrices(module, lambda m: Int4MLP.from_mlp(m, **k), linear, lambda e: Int4Experts.from_experts(e, **k))
     elif upcast:
         swap_matrices(module, lambda m: UpcastMLP(m, rows, ws), lambda m, name: UpcastLinear(m, rows, ws),
                       lambda e: UpcastExperts(e, rows, ws))

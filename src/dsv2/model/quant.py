@@ -8,9 +8,14 @@ decompress the latent cache and decode folds into the query (W_UK) and output (W
 
 A few rows at a time (decode) go through torch's int8 GEMV kernel, which dequantizes on the fly
 (aten._weight_int8pack_mm, CPU, bf16 activations), where dsv2.capability found it giving right answers; more rows
-(prefill, large decode batches) dequantize the matrix to the compute dtype and run an ordinary matmul, where the
-weight read is amortized over the rows. `int8_linear_reference` is the slow twin the tests compare both paths
-against. model/inference.py swaps these modules in (`quantize_int8`).
+(prefill, large decode batches) dequantize the matrix by tiles of rows into a small reused buffer, in the compute
+dtype, and multiply each tile there (`linear_by_tiles`): the dequantization is amortized over the rows, stays in
+cache, and never holds the whole matrix in the compute dtype. `int8_linear_reference` is the slow twin the tests
+compare both paths against. model/inference.py swaps these modules in (`quantize_int8`).
+
+Buffers (state_dict): <name> int8 [*S, N, K], <name>_scale fp32 [*S, N], <name>_kernel_scale bf16 [*S, N] or absent
+(the scales as the kernel takes them); S: the experts of a stack, or nothing. A loader of quantized checkpoints
+builds these modules from shapes alone by preparing a model built on the meta device (model/inference.py).
 """
 from __future__ import annotations
 
@@ -21,11 +26,16 @@ from torch import nn
 from ..capability import GEMV_ROWS
 from .layers import MLP
 from .moe import ExpertGroup, Experts
+from .upcast import Workspace
 
 KERNEL_DTYPE = torch.bfloat16  # torch's int8 GEMV kernel is fast with bf16 activations, many times slower in fp32
 
 
 _CHUNK = 1 << 22  # elements converted to fp32 at a time while quantizing (16 MB)
+# weights dequantized at a time when many rows are multiplied: 1 MB in fp32, so a tile is still in L2 when the
+# matmul reads it (benchmarks/quant_kernels.py: 2^16 is slower -- more, smaller calls -- and 2^22 no faster)
+TILE = 1 << 20
+TILES = Workspace(TILE)  # one tile buffer per thread and device, shared by every int8 and int4 matrix
 
 
 def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,19 +58,37 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return q * scale.to(dtype).unsqueeze(-1)  # int8 * dtype promotes to dtype in one pass
 
 
+def linear_by_tiles(x2: torch.Tensor, out_features: int, tile, step: int) -> torch.Tensor:
+    """x2 [M, K] @ W^T -> [M, N], W made `step` rows at a time by tile(start, m, buffer) -> W[start:start+m] [m, K]
+    (any strides: a transposed view multiplies as well), into the shared tile buffer, in x2's dtype."""
+    N, K = out_features, x2.shape[1]
+    buf = TILES.buffer(x2.device).view(torch.uint8).view(x2.dtype)
+    if min(step, N) * K > buf.numel():  # a tile bigger than the buffer (K in the millions, or int4's 64-row blocks)
+        buf = x2.new_empty(min(step, N) * K)
+    if step >= N:
+        return x2 @ tile(0, N, buf[:N * K]).T
+    y = x2.new_empty(x2.shape[0], N)
+    for n in range(0, N, step):
+        m = min(step, N - n)
+        y[:, n:n + m] = x2 @ tile(n, m, buf[:m * K]).T
+    return y
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 kernel_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ (q * scale)^T (+ bias) -> [..., N] in x's dtype; q [N, K] int8, scale [N].
     With kernel_scale (the scales in KERNEL_DTYPE), up to GEMV_ROWS rows go through the int8 GEMV kernel with the
-    activations rounded to KERNEL_DTYPE; otherwise, and for more rows, q is dequantized to x's dtype."""
+    activations rounded to KERNEL_DTYPE; otherwise, and for more rows, q is dequantized by tiles to x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
     if kernel_scale is not None and x2.shape[0] <= GEMV_ROWS and x.device.type == "cpu" and q.shape[1] % 16 == 0:
         # (the CPU kernel reads K in blocks of 16: in bf16 any other K gives garbage or a crash, torch 2.13)
         y = torch.ops.aten._weight_int8pack_mm(x2.to(kernel_scale.dtype).contiguous(), q, kernel_scale).to(x.dtype)
-        if bias is not None:
-            y = y + bias.to(x.dtype)
-    else:
-        y = F.linear(x2, dequantize_rows(q, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+    else:  # the codes are exact in bf16 and fp32: convert them alone (one vectorized pass), scale the output
+        N, K = q.shape
+        y = linear_by_tiles(x2, N, lambda n, m, buf: buf.view(m, K).copy_(q[n:n + m]), max(1, TILE // K))
+        y.mul_(scale.to(x.dtype))
+    if bias is not None:
+        y = y + bias.to(x.dtype)
     return y.view(*x.shape[:-1], q.shape[0])
 
 
