@@ -12,8 +12,8 @@ kernels: one weight matrix of each shape (the benchmark model's dense MLP 2816 x
   packed or upcast bf16, int8, int4), and each quantized path forced (kernel only / tiles only), plus torch._int_mm
   with activations quantized per row (a candidate for int8's many-row path). Best of --rounds interleaved rounds:
   on a shared machine every path gets the same chances. Reports ms, GFLOP/s and weight GB/s.
-prefill: a full forward of one --prefill-tokens sequence through the model prepared by each plan (auto, int8, int4):
-  the matmuls of prefill without the engine around them. Tokens/s, best of --rounds.
+prefill: a full forward of one --prefill-tokens sequence through --model prepared by each plan (auto, int8, int4):
+  the matmuls of prefill without the engine around them. Tokens/s, best of --rounds interleaved rounds.
 accuracy: each quantization applied to the weights (quantize, dequantize: the same values the real modules multiply
   by) of a model loaded from its bf16 checkpoint, computed in fp32, against the unquantized model in fp32: mean
   KL(bf16 || quantized) in nats and top-1 agreement over --positions next-token positions of Python standard library
@@ -33,7 +33,6 @@ import sysconfig
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dsv2
@@ -274,7 +273,8 @@ def main():
     models = [SHIPPED] + ([a.model] if a.model else [])
     if "prefill" in only:
         result["prefill_load_before"] = load()
-        result["prefill"] = [r for m in models for r in prefill(m, a.prefill_tokens, a.rounds)]
+        result["prefill"] = prefill(models[-1], a.prefill_tokens, a.rounds)  # (the shipped model is too small to
+        # time: its ops last microseconds, and on a busy 2-core machine waits between threads dominate them)
         result["prefill_load_after"] = load()
         print(f"\n## Prefill (load average {result['prefill_load_before']} -> {result['prefill_load_after']})\n")
         print(table(result["prefill"]))

@@ -141,6 +141,8 @@ def test_int4_plans():
     p = inference_plan("cpu", "auto", "int4", capability=fake_cpu("avx512"))
     assert (p.weights, p.compute_dtype, p.int4_kernel, p.group_size) == ("int4", torch.bfloat16, True, 64)
     assert "aten._weight_int4pack_mm_for_cpu" in p.kernels()[f"linear <= {p.gemv_rows} rows (decode)"]
+    assert p.formats()["lm_head"].startswith("int8") and p.as_dict()["formats"] == p.formats()  # what info shows
+    assert any(k.startswith("kv_b_proj") and v == "bfloat16" for k, v in p.formats().items())
     p = inference_plan("cpu", "auto", "int4", capability=fake_cpu("avx2"), group_size=128)
     assert (p.compute_dtype, p.cache_dtype, p.int4_kernel, p.group_size) == (torch.float32, torch.bfloat16, True, 128)
     assert p.as_dict()["group_size"] == 128 and p.as_dict()["int4_kernel"]

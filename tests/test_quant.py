@@ -12,10 +12,10 @@ from conftest import YARN, make_hf_model, naive_greedy
 from dsv2.engine.llm import LLM
 from dsv2.engine.sampling_params import SamplingParams
 import dsv2.model.int4 as int4
-from dsv2.capability import inference_plan, int4_cpu_packing
+from dsv2.capability import inference_plan
 from dsv2.model.inference import prepare_for_inference, quantize_int8
 from dsv2.model.int4 import (PLAIN, Int4Experts, Int4Linear, Int4MLP, choose_layout, dequantize_groups,
-                             int4_linear, int4_linear_reference, pack, pack_nibbles, quantize_groups, unpack)
+                             int4_linear_reference, pack, pack_nibbles, quantize_groups, unpack)
 from dsv2.model.layers import MLP
 from dsv2.model.quant import (GEMV_ROWS, Int8Experts, Int8Linear, Int8MLP, dequantize_rows, int8_linear,
                               int8_linear_reference, quantize_rows)
@@ -133,7 +133,8 @@ def test_int8_many_rows_go_by_tiles_never_the_whole_matrix(monkeypatch):
     ref = int8_linear_reference(x, q, s)
     seen = []
     real = quant.linear_by_tiles
-    monkeypatch.setattr(quant, "linear_by_tiles", lambda x2, n, tile, step: seen.append(step) or real(x2, n, tile, step))
+    monkeypatch.setattr(quant, "linear_by_tiles", lambda x2, n, tile, step: seen.append(step) or real(x2, n, tile,
+                                                                                                     step))
     for tile in (96 * 7, 96 * 64, 1 << 20):  # 7 rows a tile (a short last one), 64, the whole matrix
         monkeypatch.setattr(quant, "TILE", tile)
         torch.testing.assert_close(int8_linear(x, q, s), ref, rtol=1e-5, atol=1e-5)

@@ -24,8 +24,9 @@ ENV = "DSV2_CPU_CAPABILITY"
 # (measured on 2-core EPYC and Xeon machines, AVX-512 and emulated AVX2: the int8 GEMV beats dequantize + matmul up
 # to ~24 rows).
 GEMV_ROWS = 16
-# torch's CPU int4 kernel dequantizes the weights again for every 4 rows, so its cost grows with the rows; above this
-# many, dequantizing by tiles and multiplying there is faster (benchmarks/quant_kernels.py)
+# torch's CPU int4 kernel dequantizes the weights again for every 4 rows, so its cost grows with the rows; above about
+# this many, dequantizing by tiles and multiplying there is faster (2816 x 1024 and 1024 x 512, AVX-512 and emulated
+# AVX2, one thread: even at 24-32 rows, the tiles ahead from 32-48; benchmarks/quant_kernels.py --rows)
 INT4_KERNEL_ROWS = 32
 INT4_GROUP_SIZE = 64  # int4 weights per (scale, zero) pair by default (benchmarks/quant_kernels.py)
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -245,6 +246,15 @@ def _cpu_flags() -> tuple[str, ...]:
 
 
 # ---- the inference plan ---------------------------------------------------------------------------------------
+# kv_b_proj is kept in its stored dtype by packing, int8 and int4: prefill decompresses the cache with it, and decode
+# uses its per-head slices (W_UK, W_UV^T), which prepare_attention copies out in the compute dtype. Quantizing it
+# too costs accuracy for little memory (<1% of V2-Lite's weights): KL to bf16 +6% in int4, +15% in int8 (measured)
+KEEP_PLAIN = ("kv_b_proj",)
+# an int4 plan keeps these in int8: on the shipped (trained) model an int4 lm_head alone takes the KL to bf16 from
+# 0.0037 to 0.0100 nats (groups of 64; an int8 lm_head: as bf16), for 3% of V2-Lite's weights
+# (benchmarks/quant_kernels.py measures both)
+INT4_AS_INT8 = ("lm_head",)
+
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
            "fp16": torch.float16, "float32": torch.float32, "float": torch.float32, "fp32": torch.float32}
 QUANTIZATIONS = ("int8", "int4")
@@ -318,12 +328,26 @@ class InferencePlan:
                                 "in fp32",
         }
 
+    def formats(self) -> dict[str, str]:
+        """Each kind of weight -> how it is stored (model/inference.py applies this)."""
+        w = _name(self.weight_dtype)
+        kinds = "attention projections, dense MLPs, shared and routed experts"
+        plain = {f"{', '.join(KEEP_PLAIN)}, embedding, norms": w, "router": "float32"}
+        if self.weights == "int4":
+            return {kinds: f"int4, groups of {self.group_size} (a bf16 scale and zero each)",
+                    ", ".join(INT4_AS_INT8): "int8, a scale per output row", **plain}
+        if self.weights == "int8":
+            return {f"{kinds}, lm_head": "int8, a scale per output row", **plain}
+        if self.weights == "packed":
+            return {f"{kinds}, lm_head": f"{w}, oneDNN-prepacked", **plain}
+        return {f"{kinds}, lm_head, {', '.join(KEEP_PLAIN)}, embedding, norms": w, "router": "float32"}
+
     def as_dict(self) -> dict:
         return {"device": self.device, "weight_dtype": _name(self.weight_dtype),
                 "compute_dtype": _name(self.compute_dtype), "cache_dtype": _name(self.cache_dtype),
                 "weights": self.weights, "quantization": self.quantization, "gemv_rows": self.gemv_rows,
                 "int8_kernel": self.int8_kernel, "int4_kernel": self.int4_kernel, "group_size": self.group_size,
-                "kernels": self.kernels(), "notes": list(self.notes)}
+                "formats": self.formats(), "kernels": self.kernels(), "notes": list(self.notes)}
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capability import InferencePlan
+from ..capability import INT4_AS_INT8, KEEP_PLAIN, InferencePlan
 from .layers import MLP
 from .mla import MLA
 from .moe import Experts
@@ -24,11 +24,6 @@ from .quant import Int8Experts, Int8Linear, Int8MLP
 from .transformer import Transformer
 from .upcast import UpcastEmbedding, UpcastExperts, UpcastLinear, UpcastMLP, Workspace
 
-# kv_b_proj is kept in its stored dtype by packing, int8 and int4: prefill decompresses the cache with it, and decode
-# uses its per-head slices (W_UK, W_UV^T), which prepare_attention copies out in the compute dtype
-KEEP_PLAIN = ("kv_b_proj",)
-# an int4 plan keeps these in int8 (benchmarks/quant_kernels.py: ...)
-INT4_AS_INT8 = ("lm_head",)
 
 
 def fused_attention(mla: MLA, dtype: torch.dtype) -> MLA:

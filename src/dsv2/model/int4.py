@@ -190,7 +190,7 @@ def dequantize_tile_t(qweight: torch.Tensor, scale_zeros: torch.Tensor, layout: 
         dst[:, 0].copy_((p & 15).T)
         dst[:, 1].copy_((p >> 4).T)
     w = out.view(G, K // G, m)
-    return w.mul_(s.unsqueeze(1).to(out.dtype)).add_(z.unsqueeze(1).to(out.dtype)).view(K, m)
+    return torch.addcmul(z.unsqueeze(1).to(out.dtype), w, s.unsqueeze(1).to(out.dtype), out=w).view(K, m)
 
 
 @functools.lru_cache(maxsize=64)

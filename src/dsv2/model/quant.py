@@ -32,8 +32,8 @@ KERNEL_DTYPE = torch.bfloat16  # torch's int8 GEMV kernel is fast with bf16 acti
 
 
 _CHUNK = 1 << 22  # elements converted to fp32 at a time while quantizing (16 MB)
-# weights dequantized at a time when many rows are multiplied: 1 MB in fp32, so a tile is still in L2 when the
-# matmul reads it (benchmarks/quant_kernels.py: 2^16 is slower -- more, smaller calls -- and 2^22 no faster)
+# weights dequantized at a time when many rows are multiplied (4 MB in fp32): at 256 rows, 2^18 was 5-25% slower
+# (narrower matmuls, more calls) and 2^22 no faster (2816 x 1024 and 1024 x 512, emulated AVX2, one thread)
 TILE = 1 << 20
 TILES = Workspace(TILE)  # one tile buffer per thread and device, shared by every int8 and int4 matrix
 
