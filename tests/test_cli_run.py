@@ -42,3 +42,16 @@ def test_bench_json(llm_dir, capsys):
 def test_bad_model_path_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 1
     assert "no model directory" in capsys.readouterr().err
+
+
+def test_bench_with_int4_weights_and_an_fp8_cache(llm_dir, capsys):
+    from dsv2.capability import QUANTIZATIONS
+    from dsv2.cli import run
+    assert run.QUANTIZATIONS == QUANTIZATIONS  # the CLI's choices are the planner's
+    rec = {}
+    for flags in ([], ["--quantization", "int4", "--kv-cache-dtype", "fp8"]):
+        assert main(["bench", "--model", llm_dir, "--context", "8", "--new", "4", "--json", *flags]) == 0
+        rec[bool(flags)] = json.loads(capsys.readouterr().out)
+    assert rec[True]["quantization"] == "int4" and rec[True]["weights"] == "int4"
+    assert rec[True]["kv_cache_bytes_per_token"] < rec[False]["kv_cache_bytes_per_token"]
+    assert rec[True]["decode_tokens_per_s"] > 0

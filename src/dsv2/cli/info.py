@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+from .run import QUANTIZATIONS
+
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="architecture summary, parameter counts and KV-cache size of a model",
@@ -25,7 +27,8 @@ def register(sub) -> None:
                         "format and kernel each kind of matmul gets for --device / --dtype / --quantization")
     p.add_argument("--device", default=None, help="with --system: cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="with --system: the dtype to plan for (default auto)")
-    p.add_argument("--quantization", default=None, choices=["int8"], help="with --system: plan for int8 weights")
+    p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                   help="with --system: the plan for int8 / int4 weights")
     p.set_defaults(func=run)
 
 
@@ -80,12 +83,13 @@ def run_system(args) -> int:
             ("cpu flags", " ".join(cpu["flags"]) or "(not reported)"),
             ("oneDNN bf16", yes("onednn_bf16")),
             ("fast bf16 GEMM", yes("fast_bf16")),
-            ("int8 GEMV kernel", yes("int8_gemv"))]
+            ("int8 GEMV kernel", yes("int8_gemv")),
+            ("int4 kernel", yes("int4_kernel"))]
     if "cuda" in d:
         rows.append(("cuda", ", ".join(d["cuda"])))
     rows.append(("plan", f"{plan['device']}, dtype {args.dtype}"
                          + (f", {plan['quantization']}" if plan["quantization"] else "")
-                         + (f": weights int8 (embedding, norms, kv_b_proj {plan['weight_dtype']})"
+                         + (f": weights {plan['quantization']} (embedding, norms, kv_b_proj {plan['weight_dtype']})"
                             if plan["quantization"] else f": weights {plan['weights']} ({plan['weight_dtype']})")
                          + f", compute {plan['compute_dtype']}, latent cache {plan['cache_dtype']}"))
     rows += [(f"  {kind}", kernel) for kind, kernel in plan["kernels"].items()]

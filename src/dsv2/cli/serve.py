@@ -82,6 +82,6 @@ def run_serve(args) -> int:
                           max_body_bytes=parse_bytes(args.max_body_bytes), body_timeout=args.body_timeout)
     with LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
-             tensor_parallel_size=args.tensor_parallel_size) as llm:
+             kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size) as llm:
         run_server(llm, config, host=args.host, port=args.port, grace=args.shutdown_grace, log_level=args.log_level)
     return 0
