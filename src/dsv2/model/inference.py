@@ -103,7 +103,8 @@ def prepare_part(module: nn.Module, plan: InferencePlan, workspace: Workspace) -
         swap_matrices(module, lambda m: Int8MLP(m, k),
                       lambda m, name: keep(m) if name in KEEP_PLAIN else Int8Linear(m, k), lambda e: Int8Experts(e, k))
     elif plan.weights == "int4":
-        k, k8 = dict(group_size=plan.group_size, kernel=plan.int4_kernel, kernel_rows=plan.gemv_rows), plan.int8_kernel
+        k = dict(group_size=plan.group_size, kernel=plan.int4_kernel, kernel_rows=plan.gemv_rows, target=plan.device)
+        k8 = plan.int8_kernel
 
         def linear(m: nn.Linear, name: str) -> nn.Module | None:
             if name in KEEP_PLAIN:

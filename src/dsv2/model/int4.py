@@ -236,16 +236,17 @@ def int4_linear_reference(x: torch.Tensor, q: torch.Tensor, scale_zeros: torch.T
 class Int4Linear(nn.Module):
     """y = x @ W^T (+ bias), W [N, K] in int4 groups; or a stack of E such matrices (`stack=E`, the routed
     experts), multiplied one at a time with `forward(x, e)`. Built empty from shapes (then loaded), or from a
-    plain tensor with `from_weight` / `from_linear`."""
+    plain tensor with `from_weight` / `from_linear`. `device` holds the buffers; `target` is the device the layout
+    is for (default: `device`; a module built on the meta device for CUDA passes target="cuda")."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = GROUP_SIZE,
                  kernel: bool = True, stack: int | None = None, kernel_rows: int = KERNEL_ROWS,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, target: torch.device | str | None = None):
         super().__init__()
         device = torch.device(device) if device is not None else torch.get_default_device()
         self.in_features, self.out_features, self.stack = in_features, out_features, stack
         self.group_size = group_size_for(in_features, group_size)
-        self.layout = choose_layout(out_features, in_features, self.group_size, kernel, device)
+        self.layout = choose_layout(out_features, in_features, self.group_size, kernel, target or device)
         self.kernel_rows = kernel_rows
         S = () if stack is None else (stack,)
         G = in_features // self.group_size
@@ -285,17 +286,18 @@ class Int4Linear(nn.Module):
         qweight, sz = (self.qweight, self.scale_zeros) if e is None else (self.qweight[e], self.scale_zeros[e])
         return int4_linear(x, qweight, sz, self.layout, self.out_features, self.bias, self.kernel_rows)
 
-    # state_dict() holds qweight in the portable layout whatever the layout in memory
+    # state_dict() holds qweight in the portable layout whatever the layout in memory (but tinygemm's tiles, which
+    # are not read back: a CUDA model's state_dict holds them as they are -- quantize on a CPU to write a file)
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.layout.kind != "plain":
+        if self.layout.kind == "cpu":
             members = [self.codes()] if self.stack is None else [self.codes(e) for e in range(self.stack)]
             destination[prefix + "qweight"] = torch.stack([pack_nibbles(q) for q in members]).view(
                 *self.scale_zeros.shape[:-3], self.out_features, self.in_features // 2)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "qweight"
-        if self.layout.kind != "plain" and key in state_dict:
+        if self.layout.kind != "plain" and key in state_dict and state_dict[key].dtype == torch.uint8:
             portable = state_dict[key]
             members = [portable] if self.stack is None else list(portable)
             state_dict = dict(state_dict)
