@@ -56,10 +56,16 @@ def load_for_inference(path: str, plan: InferencePlan, parallel: ParallelContext
         model = shard_model(model, parallel)
     model.eval()
 
-    def targets(prefix: str | None) -> dict:
-        """Checkpoint key -> destination for one part: keys under `prefix`, or (None) the ones outside the layers."""
-        every = shard_targets(model, parallel) if sharded else checkpoint_tensors(model)
-        return {k: t for k, t in every.items() if (k.startswith(prefix) if prefix else not k.startswith(LAYERS))}
+    def targets(layer: int | None) -> dict:
+        """Checkpoint key -> destination for one part: block `layer`'s keys, or (None) the ones outside the
+        blocks. Only that part is looked at: the others are still on meta or already converted."""
+        if sharded:
+            return shard_targets(model, parallel, layers=[] if layer is None else [layer], top=layer is None)
+        prefix = f"{LAYERS}{layer}."
+        every = checkpoint_tensors(model.model.layers[layer]) if layer is not None else checkpoint_tensors(model)
+        if layer is not None:
+            return {prefix + k: t for k, t in every.items()}
+        return {k: t for k, t in every.items() if not k.startswith(LAYERS)}
 
     top = [model.model.embed_tokens, model.model.norm, model.lm_head]
     bar = Progress(len(model.model.layers) + 1, "loading weights", unit="parts", enabled=progress)
@@ -81,7 +87,7 @@ def load_for_inference(path: str, plan: InferencePlan, parallel: ParallelContext
     for i, block in enumerate(model.model.layers):
         experts = None if sharded else _converted_experts(block, plan, workspace)
         block.to_empty(device=plan.device)
-        load_targets(files, targets(f"{LAYERS}{i}."))
+        load_targets(files, targets(i))
         if experts is not None:  # the routed experts one at a time, straight into their converted form
             _fill_experts(experts, f"{LAYERS}{i}.mlp.experts.", files, cfg, plan, workspace)
         prepare_part(block, plan, workspace)

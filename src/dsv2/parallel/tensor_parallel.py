@@ -202,12 +202,16 @@ def shard_model(model: Transformer, ctx: ParallelContext) -> Transformer:
     return model
 
 
-def shard_targets(model: Transformer, ctx: ParallelContext) -> dict[str, Target]:
+def shard_targets(model: Transformer, ctx: ParallelContext, layers: list[int] | None = None,
+                  top: bool = True) -> dict[str, Target]:
     """Published checkpoint key -> where this rank's slice of it goes in a sharded model (made by shard_model and
-    materialized). Keys this rank holds nothing of are absent, so they are never read."""
+    materialized). Keys this rank holds nothing of are absent, so they are never read. layers: only these blocks
+    (default all); top: the embedding, final norm and lm_head too -- a streaming loader asks part by part, while
+    the other parts are still on meta or already converted."""
     cfg, w = model.config, ctx.world_size
     out: dict[str, Target] = {}
-    for i, block in enumerate(model.model.layers):
+    for i in range(len(model.model.layers)) if layers is None else layers:
+        block = model.model.layers[i]
         prefix = f"model.layers.{i}."
         for name, p in block.named_parameters():
             path = name.replace("self_attn.module.", "self_attn.").replace("mlp.module.", "mlp.")
@@ -237,6 +241,8 @@ def shard_targets(model: Transformer, ctx: ParallelContext) -> dict[str, Target]
                 out[g + "gate_proj.weight"] = Target(local.gate_up_proj.data[e, :I])
                 out[g + "up_proj.weight"] = Target(local.gate_up_proj.data[e, I:])
                 out[g + "down_proj.weight"] = Target(local.down_proj.data[e])
+    if not top:
+        return out
     v = ctx.split(cfg.vocab_size)
     out["model.embed_tokens.weight"] = Target(model.model.embed_tokens.weight.data, rows=v)
     out["model.norm.weight"] = Target(model.model.norm.weight.data)
