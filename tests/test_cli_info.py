@@ -15,6 +15,7 @@ def test_info_json_on_a_config_only_directory(tmp_path):
     assert d["total_params"] == 15_706_484_224
     assert 2.3e9 < d["activated_params"] < 2.5e9
     assert d["kv_cache_bytes_per_token"] == 27 * 576 * 2
+    assert d["kv_cache_bytes_per_token_fp8"] == 27 * (512 + 4 * 4 + 64 * 2)  # e4m3 latents, 4 scales, bf16 rope
     assert d["per_head_kv_cache_bytes_per_token"] == 27 * 16 * (192 + 128) * 2
 
 

@@ -40,7 +40,9 @@ def describe(path: str) -> dict:
     cfg = ModelConfig.from_pretrained(path)
     counts = cfg.param_counts()
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    from ..engine.kv_cache import latent_bytes_per_token
     latent, full = cfg.kv_cache_bytes_per_token(2), cfg.full_kv_cache_bytes_per_token(2)
+    fp8 = latent_bytes_per_token(cfg, kv_cache_dtype="fp8")
     return {
         "path": path,
         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
@@ -54,7 +56,8 @@ def describe(path: str) -> dict:
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
         "rope": cfg.rope_type, "rope_scaling": cfg.rope_scaling, "softmax_scale": cfg.softmax_scale,
         "total_params": counts["total"], "activated_params": counts["activated"],
-        "kv_cache_bytes_per_token": latent, "per_head_kv_cache_bytes_per_token": full,
+        "kv_cache_bytes_per_token": latent, "kv_cache_bytes_per_token_fp8": fp8,
+        "per_head_kv_cache_bytes_per_token": full,
         "kv_cache_reduction": full / latent,
         "bf16_weight_bytes": 2 * counts["total"],
     }
@@ -129,9 +132,11 @@ def run(args) -> int:
         ("parameters", f"{d['total_params']:,} total ({_human(d['total_params'])}), "
                        f"{d['activated_params']:,} per token ({_human(d['activated_params'])})"),
         ("weights (bf16)", _bytes(d["bf16_weight_bytes"])),
-        ("KV cache / token", f"{d['kv_cache_bytes_per_token']:,} B latent (bf16) vs "
+        ("KV cache / token", f"{d['kv_cache_bytes_per_token']:,} B latent (bf16; "
+                             f"{d['kv_cache_bytes_per_token_fp8']:,} B with --kv-cache-dtype fp8) vs "
                              f"{d['per_head_kv_cache_bytes_per_token']:,} B per-head K/V: {d['kv_cache_reduction']:.1f}x smaller"),
-        ("KV cache, 128K ctx", f"{_bytes(d['kv_cache_bytes_per_token'] * 131072)} latent vs "
+        ("KV cache, 128K ctx", f"{_bytes(d['kv_cache_bytes_per_token'] * 131072)} latent "
+                               f"({_bytes(d['kv_cache_bytes_per_token_fp8'] * 131072)} fp8) vs "
                                f"{_bytes(d['per_head_kv_cache_bytes_per_token'] * 131072)} per-head"),
     ]
     width = max(len(k) for k, _ in rows)
