@@ -215,19 +215,19 @@ def test_int4_modules_are_close_to_the_plain_ones():
 def test_int4_experts_quantize_one_expert_at_a_time(monkeypatch):
     """A stack [E, N, K] is quantized expert by expert (never an fp32 copy of the stack), each expert's buffers the
     ones quantizing it alone gives; fp32 temporaries are bounded by the chunk size, which changes nothing."""
-    E, H, I = 6, 64, 32
+    E, H, I = 6, 64, 64  # 128 rows: packed two or four blocks at a time
     g = torch.Generator().manual_seed(0)
     gate_up, down = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
+    alone = [Int4Linear.from_weight(gate_up[e], group_size=32) for e in range(E)]  # one at a time, big chunks
     seen = []
     real = int4.quantize_groups
     monkeypatch.setattr(int4, "quantize_groups", lambda w, gs: seen.append(tuple(w.shape)) or real(w, gs))
-    monkeypatch.setattr(int4, "_CHUNK", 3 * H)  # three rows of fp32 at a time
+    monkeypatch.setattr(int4, "_CHUNK", 3 * H)  # three rows of fp32 at a time; packing: one block of rows
     stacked = Int4Linear.from_weight(gate_up, group_size=32, kernel_rows=0)  # tiles: fp32 products
     assert seen == [(2 * I, H)] * E
     for e in range(E):
-        alone = Int4Linear.from_weight(gate_up[e], group_size=32)
-        assert torch.equal(stacked.qweight[e], alone.qweight)
-        assert torch.equal(stacked.scale_zeros[e], alone.scale_zeros)
+        assert torch.equal(stacked.qweight[e], alone[e].qweight)
+        assert torch.equal(stacked.scale_zeros[e], alone[e].scale_zeros)
         assert torch.equal(stacked.codes(e), quantize_groups(gate_up[e], 32)[0])
     x = torch.randn(5, H, generator=g)
     torch.testing.assert_close(stacked(x, 2), int4_linear_reference(x, stacked.codes(2), stacked.scale_zeros[2]),

@@ -129,8 +129,10 @@ def choose_layout(n: int, k: int, group_size: int, kernel: bool, device: torch.d
 
 def pack(q: torch.Tensor, layout: Int4Layout) -> torch.Tensor:
     """codes [N, K] -> qweight in `layout`."""
-    if layout.kind == "cpu":
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    if layout.kind == "cpu":  # it takes int32 codes: a block of rows at a time, to bound that copy (~16 MB)
+        step = max(1, _CHUNK // 4 // q.shape[1] // layout.block) * layout.block
+        return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[a:a + step].to(torch.int32), 1)
+                          for a in range(0, q.shape[0], step)])
     if layout.kind == "cuda":  # tinygemm's input: k even in the HIGH nibble
         return torch.ops.aten._convert_weight_to_int4pack((q[:, 1::2] | (q[:, 0::2] << 4)).contiguous(),
                                                           layout.inner_k_tiles)
