@@ -21,7 +21,9 @@ accuracy: each quantization applied to the weights (quantize, dequantize: the sa
   quantized or not. Models: the shipped dsv2-tiny-stdlib (trained), and --model (default /tmp/bench/mini if present,
   random weights: ../shared/bench/make_bench_model.py).
 
-The load average is printed with every section: other processes on the machine slow all paths alike, but not evenly.
+The load average is printed with every section: other processes on the machine slow all paths, but not evenly (a
+busy 2-core machine makes torch's threads wait for each other, most in small ops). --threads 1 times the CPU time of
+the one thread instead of the wall clock: slower numbers, but comparable between paths on a busy machine.
 """
 from __future__ import annotations
 
@@ -53,15 +55,17 @@ def load() -> str:
 
 
 def best_times(fns: dict, rounds: int) -> dict:
-    """name -> best seconds over `rounds` interleaved rounds (one warm-up call each first)."""
+    """name -> best seconds over `rounds` interleaved rounds (one warm-up call each first). With one thread, the
+    CPU time of that thread: what the path costs, whatever else the machine runs meanwhile."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     best = dict.fromkeys(fns, float("inf"))
     for f in fns.values():
         f()
     for _ in range(rounds):
         for name, f in fns.items():
-            t = time.perf_counter()
+            t = clock()
             f()
-            best[name] = min(best[name], time.perf_counter() - t)
+            best[name] = min(best[name], clock() - t)
     return best
 
 

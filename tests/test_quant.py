@@ -215,7 +215,7 @@ def test_int4_modules_are_close_to_the_plain_ones():
 def test_int4_experts_quantize_one_expert_at_a_time(monkeypatch):
     """A stack [E, N, K] is quantized expert by expert (never an fp32 copy of the stack), each expert's buffers the
     ones quantizing it alone gives; fp32 temporaries are bounded by the chunk size, which changes nothing."""
-    E, H, I = 6, 64, 64  # 128 rows: packed two or four blocks at a time
+    E, H, I = 6, 64, 64  # 128 rows: packed a block at a time, in 2 or 4 pieces
     g = torch.Generator().manual_seed(0)
     gate_up, down = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
     alone = [Int4Linear.from_weight(gate_up[e], group_size=32) for e in range(E)]  # one at a time, big chunks
