@@ -313,3 +313,18 @@ def test_a_quantized_model_built_from_shapes_loads_a_quantized_state_dict(tiny, 
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(dst(ids), src(ids), rtol=0, atol=0)
+
+
+def test_int8_state_dict_leaves_the_kernel_scales_to_the_loading_machine():
+    """The bf16 kernel scales are derived: not saved, and rebuilt on load where the loading plan uses the kernel."""
+    lin = nn.Linear(64, 48)
+    with_kernel, without = Int8Linear(lin, kernel=True), Int8Linear(lin, kernel=False)
+    sd = with_kernel.state_dict()
+    assert set(sd) == {"qweight", "qweight_scale", "bias"} == set(without.state_dict())
+    with torch.device("meta"):
+        dst = Int8Linear(nn.Linear(64, 48), kernel=True)
+    dst = dst.to_empty(device="cpu")
+    dst.load_state_dict(without.state_dict())
+    assert torch.equal(dst.qweight_kernel_scale, with_kernel.qweight_kernel_scale)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(dst(x), with_kernel(x), rtol=0, atol=0)

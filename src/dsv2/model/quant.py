@@ -13,8 +13,8 @@ dtype, and multiply each tile there (`linear_by_tiles`): the dequantization is a
 cache, and never holds the whole matrix in the compute dtype. `int8_linear_reference` is the slow twin the tests
 compare both paths against. model/inference.py swaps these modules in (`quantize_int8`).
 
-Buffers (state_dict): <name> int8 [*S, N, K], <name>_scale fp32 [*S, N], <name>_kernel_scale bf16 [*S, N] or absent
-(the scales as the kernel takes them); S: the experts of a stack, or nothing. A loader of quantized checkpoints
+Buffers (state_dict): <name> int8 [*S, N, K] and <name>_scale fp32 [*S, N] (S: the experts of a stack, or nothing);
+not saved, derived on load: <name>_kernel_scale, the scales in bf16 for the GEMV kernel where the plan uses it. A loader of quantized checkpoints
 builds these modules from shapes alone by preparing a model built on the meta device (model/inference.py).
 """
 from __future__ import annotations
@@ -100,12 +100,18 @@ def int8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 
 def _register(module: nn.Module, name: str, w: torch.Tensor, kernel: bool) -> None:
-    """int8 rows and fp32 scales (+ the scales in KERNEL_DTYPE for the GEMV kernel) as buffers, so that .to(device)
-    moves them and state_dict() shows them."""
+    """int8 rows and fp32 scales as buffers, so that .to(device) moves them and state_dict() shows them; plus, for
+    the GEMV kernel, the scales in KERNEL_DTYPE: derived, so kept out of state_dict() (whether the kernel runs is
+    the loading machine's business) and derived again by load_state_dict()."""
     q, scale = quantize_rows(w)
     module.register_buffer(name, q)
     module.register_buffer(name + "_scale", scale)
-    module.register_buffer(name + "_kernel_scale", scale.to(KERNEL_DTYPE) if kernel else None)
+    module.register_buffer(name + "_kernel_scale", scale.to(KERNEL_DTYPE) if kernel else None, persistent=False)
+    if kernel:
+        def derive(m: nn.Module, incompatible) -> None:
+            with torch.no_grad():
+                getattr(m, name + "_kernel_scale").copy_(getattr(m, name + "_scale"))
+        module.register_load_state_dict_post_hook(derive)
 
 
 class Int8Linear(nn.Module):
