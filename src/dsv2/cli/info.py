@@ -92,9 +92,9 @@ def run_system(args) -> int:
         rows.append(("cuda", ", ".join(d["cuda"])))
     rows.append(("plan", f"{plan['device']}, dtype {args.dtype}"
                          + (f", {plan['quantization']}" if plan["quantization"] else "")
-                         + (f": weights {plan['quantization']} (embedding, norms, kv_b_proj {plan['weight_dtype']})"
-                            if plan["quantization"] else f": weights {plan['weights']} ({plan['weight_dtype']})")
+                         + f": weights {plan['weights']} ({plan['weight_dtype']} stored)"
                          + f", compute {plan['compute_dtype']}, latent cache {plan['cache_dtype']}"))
+    rows += [(f"  {what}", how) for what, how in plan.get("formats", {}).items()]
     rows += [(f"  {kind}", kernel) for kind, kernel in plan["kernels"].items()]
     rows += [("note", n) for n in plan["notes"]]
     width = max(len(k) for k, _ in rows)

@@ -65,8 +65,10 @@ class LLM:
     stores them in DeepSeek's FP8 layout (e4m3 with a fp32 scale per 128 values, rope part bf16: 656 bytes per
     token and layer instead of 1,152), so the same kv_cache_memory holds ~1.75x the tokens. Decode and prefix hits
     dequantize on the fly; logits move by about e4m3's rounding (benchmarks/fp8_cache.py measures it).
-    quantization: None (weights in `dtype`) or "int8": weight-only int8 with a scale per output row (model/quant.py);
-    half the weight memory, faster single-sequence decode on CPU, logits within int8 rounding of the original.
+    quantization: None (weights in `dtype`), "int8" (a scale per output row, model/quant.py; half the bf16 bytes) or
+    "int4" (groups of 64 with a bf16 scale and zero each, model/int4.py; ~0.28x the bf16 bytes, lm_head int8). Both
+    weight-only, applied while the checkpoint streams in (engine/prepare.py), kv_b_proj, the embedding and the norms
+    kept in bf16; `dsv2 info --system --quantization int4` says which kernel each matmul gets here.
     """
 
     def __init__(self, path: str | None = None, *, model: str | None = None, tokenizer: str | None = None,
