@@ -129,7 +129,10 @@ def world_from_env(device: str = "cpu") -> World | None:
 
 
 def close(world: World | None) -> None:
+    """Leave the run together: every rank past its last collective, then every group (the default one and the
+    meshes' subgroups) destroyed while the ranks are alive, not at interpreter exit."""
     if world is not None and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -84,6 +83,25 @@ def expert_parallel_group(world, k: int, cfg: ModelConfig) -> ExpertParallel:
                           mesh.get_group("replica") if world.size > k else None, mesh, ranks_reached(cfg, k))
 
 
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with autograd: forward sends rows by `send` sizes and receives `recv` sizes; backward sends
+    the gradients back the reverse way. Plain torch.distributed underneath (torch.distributed.nn's version of this
+    is deprecated; the functional collectives keep process groups in a registry of their own until exit)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return back, None, None, None
+
+
 @dataclass
 class Traffic:
     """What one MoE layer's dispatch moved for this rank in one forward (and its backward)."""
@@ -122,7 +140,7 @@ class DispatchedExperts(Experts):
         on_rank = (dest[pair_token] == pair_rank[:, None]) & live[pair_token]  # [rows, K] slots that rank serves
         local = torch.where(on_rank, idx[pair_token] - pair_rank[:, None] * n, -1)
         payload = torch.cat([x[pair_token].float(), weights[pair_token].float() * on_rank], dim=1)  # [rows, H+K]
-        got = fc.wait_tensor(fc.all_to_all_single_autograd(payload, recv_sizes, send_sizes, group))
+        got = _AllToAll.apply(payload, send_sizes, recv_sizes, group)
         got_local = local.new_empty(sum(recv_sizes), K)
         dist.all_to_all_single(got_local, local, recv_sizes, send_sizes, group=group)
         xr, wr = got.split([H, K], dim=1)
@@ -130,7 +148,7 @@ class DispatchedExperts(Experts):
             yr = super().forward(xr.to(x.dtype), wr, got_local.clamp_min(0), got_local >= 0).float()
         else:  # nothing to serve; still in the graph, so that the combine's backward runs here as on the others
             yr = xr
-        back = fc.wait_tensor(fc.all_to_all_single_autograd(yr, send_sizes, recv_sizes, group))
+        back = _AllToAll.apply(yr, recv_sizes, send_sizes, group)
         y = torch.zeros(T, H, dtype=torch.float32, device=x.device).index_add_(0, pair_token, back)
 
         me = self.ep.rank
