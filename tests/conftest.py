@@ -74,6 +74,21 @@ def stdlib_text(n_files: int = 20, chars: int = 5000):
             yield f.read(chars)
 
 
+def prepare_stdlib_data(root) -> str:
+    """A small Python corpus -> a 300-token tokenizer -> prepared shards (15% held out), through the CLI, under
+    `root`; returns the data directory."""
+    from dsv2.cli import main as cli
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(stdlib_text(n_files=40, chars=4000)):
+        (corpus / f"m{i:02d}.py").write_text(text)
+    assert cli(["tokenizer", "train", str(corpus), "--out", str(root / "tok"), "--vocab-size", "300",
+                "--include", "*.py"]) == 0
+    assert cli(["data", "prepare", str(corpus), "--tokenizer", str(root / "tok"), "--out", str(root / "data"),
+                "--val-fraction", "0.15", "--include", "*.py"]) == 0
+    return str(root / "data")
+
+
 def make_llm_dir(directory, vocab_size: int = 384, seed: int = 0, **overrides) -> str:
     """A tiny random model with a real byte-level BPE tokenizer (bos 0, eos 1) and generation_config.json."""
     from dsv2.tokenizer import Tokenizer

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import stdlib_text
+from conftest import prepare_stdlib_data
 from dsv2.cli import main as cli
 from dsv2.config import ModelConfig
 from dsv2.parallel.data_parallel import check_batch
@@ -37,16 +37,7 @@ TOL, NORM_TOL = 1e-5, 1e-4
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i, text in enumerate(stdlib_text(n_files=40, chars=4000)):
-        (corpus / f"m{i:02d}.py").write_text(text)
-    assert cli(["tokenizer", "train", str(corpus), "--out", str(root / "tok"), "--vocab-size", "300",
-                "--include", "*.py"]) == 0
-    assert cli(["data", "prepare", str(corpus), "--tokenizer", str(root / "tok"), "--out", str(root / "data"),
-                "--val-fraction", "0.15", "--include", "*.py"]) == 0
-    return str(root / "data")
+    return prepare_stdlib_data(tmp_path_factory.mktemp("dist"))
 
 
 def _train_args(data_dir, out):

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import stdlib_text
+from conftest import prepare_stdlib_data
 from dsv2.cli import main as cli
 from dsv2.train.checkpointing import list_checkpoints, load_latest, read_metrics, save_checkpoint
 from dsv2.train.loop import train
@@ -25,16 +25,7 @@ SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A small Python corpus -> tokenizer -> prepared shards, through the CLI."""
-    root = tmp_path_factory.mktemp("train")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i, text in enumerate(stdlib_text(n_files=40, chars=4000)):
-        (corpus / f"m{i:02d}.py").write_text(text)
-    assert cli(["tokenizer", "train", str(corpus), "--out", str(root / "tok"), "--vocab-size", "300",
-                "--include", "*.py"]) == 0
-    assert cli(["data", "prepare", str(corpus), "--tokenizer", str(root / "tok"), "--out", str(root / "data"),
-                "--val-fraction", "0.15", "--include", "*.py"]) == 0
-    return str(root / "data")
+    return prepare_stdlib_data(tmp_path_factory.mktemp("train"))
 
 
 def _tiny(data_dir, **kw) -> TrainConfig:

@@ -75,14 +75,8 @@ def load_for_inference(path: str, plan: InferencePlan, parallel: ParallelContext
         head = model.lm_head.linear if sharded else model.lm_head
         head.weight = model.model.embed_tokens.weight
     load_targets(files, targets(None))
-    # lm_head alone through the plan's swaps (given the whole model, they would take every part); held by the
-    # holder only, so that the stored form is freed as soon as it is replaced
-    holder = nn.Module()
-    holder.lm_head, model.lm_head = model.lm_head, None
     workspace = Workspace()
-    prepare_part(holder, plan, workspace)
-    model.lm_head = holder.lm_head
-    del holder
+    _convert_child(model, "lm_head", plan, workspace)
     bar.update(1)
     for i, block in enumerate(model.model.layers):
         experts = None if sharded else _converted_experts(block, plan, workspace)
@@ -101,12 +95,24 @@ def load_for_inference(path: str, plan: InferencePlan, parallel: ParallelContext
     return prepare_embedding(model, plan).eval()
 
 
-def _converted(experts: nn.Module, plan: InferencePlan, workspace: Workspace) -> nn.Module:
-    """What the plan's swaps make of a (plain) Experts module."""
+def _convert_child(parent: nn.Module, name: str, plan: InferencePlan, workspace: Workspace) -> nn.Module:
+    """parent.<name> through the plan's swaps alone (given the whole parent, they would take every part), put back
+    in its place and returned. A holder owns it meanwhile, so its stored form is freed as soon as it is replaced."""
     holder = nn.Module()
-    holder.experts = experts
-    prepare_part(holder, plan, workspace)
-    return holder.experts
+    setattr(holder, name, getattr(parent, name))
+    setattr(parent, name, None)
+    try:
+        prepare_part(holder, plan, workspace)
+    finally:
+        setattr(parent, name, getattr(holder, name))
+    return getattr(parent, name)
+
+
+def _converted(module: nn.Module, plan: InferencePlan, workspace: Workspace) -> nn.Module:
+    """What the plan's swaps make of a module that stays the caller's."""
+    holder = nn.Module()
+    holder.part = module
+    return _convert_child(holder, "part", plan, workspace)
 
 
 def _stacked(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -122,18 +128,16 @@ def _converted_experts(block: nn.Module, plan: InferencePlan, workspace: Workspa
     mlp = getattr(block, "mlp", None)
     if not isinstance(getattr(mlp, "experts", None), Experts):
         return None
-    n = mlp.experts.n_experts
+    plain = mlp.experts
     try:
-        converted = _converted(mlp.experts, plan, workspace)
-    except (RuntimeError, NotImplementedError):  # a conversion that needs real data
+        converted = _convert_child(mlp, "experts", plan, workspace)
+    except (RuntimeError, NotImplementedError):  # a conversion that needs real data (mlp.experts is put back)
         return None
     tensors = _stacked(converted)
-    if isinstance(converted, Experts) or not tensors or any(t.dim() == 0 or t.shape[0] != n
-                                                            for t in tensors.values()):
+    if (converted is plain or not tensors
+            or any(t.dim() == 0 or t.shape[0] != plain.n_experts or not t.is_meta for t in tensors.values())):
+        mlp.experts = plain
         return None
-    if len(_stacked(converted)) != len(tensors) or any(not t.is_meta for t in tensors.values()):
-        return None
-    mlp.experts = converted
     return converted
 
 

@@ -44,8 +44,8 @@ from ..model.moe import MoE, TokenDropping
 from ..progress import Progress
 from ..parallel.data_parallel import RouterLog, World, apply_fsdp, check_batch, clip_grad_norm_
 from ..parallel.expert_parallel import (ExpertParallel, apply_expert_parallel, check_expert_parallel,
-                                        expert_parallel_group, reduce_expert_grads)
-from ..parallel.expert_parallel import clip_grad_norm_ as clip_expert_parallel_grad_norm_
+                                        clip_grad_norm_ as clip_expert_parallel_grad_norm_, expert_parallel_group,
+                                        reduce_expert_grads)
 from .checkpointing import (append_metrics, checkpoint_path, list_checkpoints, load_latest, prune_checkpoints,
                             rng_state, save_checkpoint, set_aside_after, set_rng_state)
 from .data import TokenShards, TrainBatches, file_sha256, read_manifest
