@@ -2,6 +2,8 @@
 import io
 import json
 
+import pytest
+
 from dsv2.cli import main
 from dsv2.engine.llm import LLM
 from dsv2.engine.sampling_params import SamplingParams
@@ -36,7 +38,21 @@ def test_bench_json(llm_dir, capsys):
     assert main(["bench", "--model", llm_dir, "--dtype", "float32", "--batch", "2", "--context", "32", "--new", "8",
                  "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["prefill_tokens_per_s"] > 0 and d["decode_tokens_per_s"] > 0 and d["batch"] == 2
+    assert d["prefill_tokens_per_s"] > 0 and d["decode_tokens_per_s"] > 0 and d["batch"] == 2 and d["load_s"] > 0
+
+
+def test_bench_measures_every_case_after_one_load(llm_dir, capsys):
+    assert main(["bench", "--model", llm_dir, "--dtype", "float32", "--batch", "1,3", "--context", "8,16",
+                 "--new", "4", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["batch"], r["context"]) for r in rows] == [(1, 8), (1, 16), (3, 8), (3, 16)]
+    assert len({r["load_s"] for r in rows}) == 1  # one model load for all four
+
+
+def test_bench_rejects_bad_sizes(llm_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", llm_dir, "--batch", "1,x"])
+    assert e.value.code == 2 and "comma-separated list" in capsys.readouterr().err
 
 
 def test_bad_model_path_is_a_clear_error(tmp_path, capsys):

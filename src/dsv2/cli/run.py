@@ -10,8 +10,10 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+import time
 
 
 QUANTIZATIONS = ("int8", "int4")  # capability.QUANTIZATIONS, spelled out so that --help does not import torch
@@ -78,13 +80,16 @@ def register(sub) -> None:
                                    "reports aggregate prefill and decode tokens/s. Compare against transformers and "
                                    "llama.cpp with benchmarks/compare.py.")
     _model_args(b)
-    b.add_argument("--batch", type=int, default=1, help="concurrent sequences (default 1)")
-    b.add_argument("--context", type=int, default=256, help="prompt tokens per sequence (default 256)")
+    b.add_argument("--batch", type=_sizes, default=(1,), metavar="B[,B...]",
+                   help="concurrent sequences (default 1); a list (1,16) measures each after one load -- a model "
+                        "that takes minutes to load is loaded once")
+    b.add_argument("--context", type=_sizes, default=(256,), metavar="C[,C...]",
+                   help="prompt tokens per sequence (default 256); a list measures each")
     b.add_argument("--new", type=int, default=64, help="generated tokens per sequence (default 64)")
     b.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per step (default: max(2048, batch x context): the whole batch prefills in one step)")
     b.add_argument("--repeat", type=int, default=1, help="repeat the measurement and report the best (default 1)")
-    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--json", action="store_true", help="print one JSON object per measurement (one line each)")
     b.set_defaults(func=run_bench)
 
 
@@ -161,18 +166,35 @@ def _chat(args, llm) -> int:
         history.append({"role": "assistant", "content": "".join(reply).strip()})
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list of numbers, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {text!r}")
+    return sizes
+
+
 def run_bench(args) -> int:
     from ..engine.benchmark import run_benchmark
-    budget = args.max_num_batched_tokens or max(2048, args.batch * args.context)
-    with _llm(args, max_num_seqs=max(args.batch, 1), max_num_batched_tokens=budget) as llm:
-        result = run_benchmark(llm, batch=args.batch, context=args.context, new=args.new, repeat=args.repeat)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        kind = result["dtype"] if result["compute_dtype"] == result["dtype"] else \
-            f"{result['dtype']} weights, {result['compute_dtype']} compute"
-        tp = f" tensor-parallel {result['tensor_parallel_size']}" if result["tensor_parallel_size"] > 1 else ""
-        print(f"dsv2 {kind} ({result['weights']}){tp} batch={args.batch} context={args.context} new={args.new}: "
-              f"prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "
-              f"(latent cache {result['kv_cache_bytes_per_token']} B/token, peak RSS {result['peak_rss_mb']:.0f} MB)")
+    cases = [(b, c) for b in args.batch for c in args.context]
+    budget = args.max_num_batched_tokens or max(2048, max(b * c for b, c in cases))
+    started = time.perf_counter()
+    with _llm(args, max_num_seqs=max(args.batch), max_num_batched_tokens=budget) as llm:
+        load_s = time.perf_counter() - started
+        for batch, context in cases:
+            result = {**run_benchmark(llm, batch=batch, context=context, new=args.new, repeat=args.repeat),
+                      "load_s": load_s}
+            if args.json:
+                print(json.dumps(result), flush=True)
+                continue
+            kind = result["dtype"] if result["compute_dtype"] == result["dtype"] else \
+                f"{result['dtype']} weights, {result['compute_dtype']} compute"
+            kind += f", {result['quantization']}" if result["quantization"] else ""
+            tp = f" tensor-parallel {result['tensor_parallel_size']}" if result["tensor_parallel_size"] > 1 else ""
+            print(f"dsv2 {kind} ({result['weights']}){tp} batch={batch} context={context} new={args.new}: "
+                  f"prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} "
+                  f"tok/s (latent cache {result['kv_cache_bytes_per_token']} B/token, peak RSS "
+                  f"{result['peak_rss_mb']:.0f} MB, loaded in {load_s:.1f} s)", flush=True)
     return 0
