@@ -14,6 +14,7 @@ G fp8 scale groups of R, W bytes of one fp8 latent.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -143,6 +144,44 @@ class PagedAttention:
         return lengths.repeat_interleave(counts).to(device)
 
 
+@dataclass
+class PackedSequences:
+    """Several sequences packed into each row of a plain forward (SFT packing), passed as the forward's `attn`.
+    segment_ids [B, T] numbers the sequences along each row (a new id starts a new sequence; padding is a sequence
+    of its own). A token attends only to earlier tokens of its own sequence and positions restart at 0 with each, so
+    every packed sequence gets the logits it gets run alone."""
+    segment_ids: torch.Tensor  # [B, T]
+
+    @functools.cached_property
+    def _index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's segment as 0, 1, .. along its row, and the position where that segment starts; [B, T] each."""
+        seg = self.segment_ids
+        t = torch.arange(seg.shape[-1], device=seg.device).expand_as(seg)
+        new = torch.ones_like(seg, dtype=torch.bool)
+        new[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        start = torch.where(new, t, torch.zeros_like(t)).cummax(dim=-1).values
+        return new.cumsum(-1) - 1, start
+
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        """[B, T]: each token's position in its own sequence."""
+        _, start = self._index
+        return torch.arange(start.shape[-1], device=start.device) - start
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[B, 1, T, T] bool, True where query t may attend key s: same sequence and s <= t (block-diagonal causal)."""
+        seg, T = self.segment_ids, self.segment_ids.shape[-1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+        return ((seg.unsqueeze(-1) == seg.unsqueeze(-2)) & causal).unsqueeze(1)
+
+    def token_context_lengths(self, device=None) -> torch.Tensor:
+        """[B, T]: the length of each token's sequence (dynamic NTK rope sees each sequence's own length)."""
+        index, _ = self._index
+        counts = torch.zeros_like(index).scatter_add_(1, index, torch.ones_like(index))
+        return counts.gather(1, index).to(device)
+
+
 class MLA(nn.Module):
     """fused_input=True builds the inference layout (see model/inference.py): one `input_proj` holding
     [q_proj or q_a_proj | kv_a_proj_with_mqa] (one matmul instead of two), and W_UK / W_UV^T as contiguous buffers
@@ -177,8 +216,10 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n * cfg.v_head_dim, H, bias=bias)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, attn: PagedAttention | None = None) -> torch.Tensor:
-        """x [B, T, H] (plain causal forward) or [N, H] with `attn` (engine step); freqs [T, Dr/2] or [N, Dr/2]."""
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor,
+                attn: PagedAttention | PackedSequences | None = None) -> torch.Tensor:
+        """x [B, T, H] (plain causal forward; with PackedSequences, causal within each packed sequence) or [N, H]
+        with PagedAttention (engine step); freqs [T or B x T, Dr/2] or [N, Dr/2]."""
         if self.fused_input:  # [q | c_kv, k_pe]: the latent part is the last R + Dr columns
             qkv = self.input_proj(x)
             q, ckv = qkv[..., :-(self.rank + self.rope)], qkv[..., -(self.rank + self.rope):]
@@ -195,13 +236,17 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, freqs)  # [..., Dr]
         if attn is None:
             out = self.attend_decompressed(q_nope, q_pe, c_kv, k_pe)  # [B, T, n, Dv]
+        elif isinstance(attn, PackedSequences):
+            out = self.attend_decompressed(q_nope, q_pe, c_kv, k_pe, mask=attn.mask)  # [B, T, n, Dv]
         else:
             out = self._attend_paged(q_nope, q_pe, c_kv, k_pe, attn)  # [N, n, Dv]
         return self.o_proj(out.flatten(-2))
 
     # ---- the two forms --------------------------------------------------------------------------------------
-    def attend_decompressed(self, q_nope, q_pe, c_kv, k_pe, q_offset: int = 0) -> torch.Tensor:
-        """Queries [B, T, n, *] against latents [B, L, *] (L >= T); query t sits at position q_offset + t."""
+    def attend_decompressed(self, q_nope, q_pe, c_kv, k_pe, q_offset: int = 0,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries [B, T, n, *] against latents [B, L, *] (L >= T); query t sits at position q_offset + t.
+        mask [B, 1, T, L] bool (True: attend) replaces the causal mask (packed sequences)."""
         T, L = q_nope.shape[-3], c_kv.shape[-2]
         kv = self.kv_b_proj(c_kv).unflatten(-1, (-1, self.nope + self.v_dim))  # [B, L, n, Dn + Dv]
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
@@ -211,7 +256,9 @@ class MLA(nn.Module):
         if self.v_dim < Dq:  # SDPA's fused (flash) kernels want one head dim for q, k and v; with Dv < Dq it falls
             v = F.pad(v, (0, Dq - self.v_dim))  # back to the math path, 3-5x slower on CPU: pad v with zeros
         v = v.transpose(-3, -2)  # [B, n, L, max(Dv, Dq)]
-        if q_offset == 0 and T == L:
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        elif q_offset == 0 and T == L:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:  # a chunk after a cached prefix: query t sees keys 0 .. q_offset + t
             mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=q_offset)

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .layers import MLP, RMSNorm
-from .mla import MLA, PagedAttention
+from .mla import MLA, PackedSequences, PagedAttention
 from .moe import Experts, Gate, MoE, TokenDropping
 from .rope import rope_freqs
 
@@ -28,7 +28,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, freqs, attn: PagedAttention | None = None, router_out: dict | None = None,
+    def forward(self, x, freqs, attn: PagedAttention | PackedSequences | None = None, router_out: dict | None = None,
                 drop: TokenDropping | None = None):
         x = x + self.self_attn(self.input_layernorm(x), freqs, attn)
         h = self.post_attention_layernorm(x)
@@ -53,14 +53,17 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                attn: PagedAttention | None = None, logits_indices: torch.Tensor | None = None,
+                attn: PagedAttention | PackedSequences | None = None, logits_indices: torch.Tensor | None = None,
                 router_out: dict | None = None, drop: TokenDropping | None = None) -> torch.Tensor:
         """Plain causal forward: input_ids [B, T] -> fp32 logits [B, T, V].
+        Packed: input_ids [B, T], attn=PackedSequences(segment_ids [B, T]) -> logits [B, T, V], each packed sequence
+        attending only to itself, its positions from 0 (positions [B, T] may be given instead).
         Engine step: input_ids [N], positions [N], attn -> logits [len(logits_indices), V] (rows of the flat batch
         that need a next-token distribution; all rows when logits_indices is None).
         Training: router_out collects each MoE layer's routing; drop switches on token dropping."""
         if positions is None:
-            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+            positions = (attn.positions if isinstance(attn, PackedSequences)
+                         else torch.arange(input_ids.shape[-1], device=input_ids.device))
         lengths = None
         if attn is not None and self.config.rope_type == "dynamic":  # NTK base from each token's own sequence
             lengths = attn.token_context_lengths(positions.device)
