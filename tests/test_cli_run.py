@@ -71,3 +71,20 @@ def test_bench_with_int4_weights_and_an_fp8_cache(llm_dir, capsys):
     assert rec[True]["quantization"] == "int4" and rec[True]["weights"] == "int4"
     assert rec[True]["kv_cache_bytes_per_token"] < rec[False]["kv_cache_bytes_per_token"]
     assert rec[True]["decode_tokens_per_s"] > 0
+
+
+def test_bench_counts_the_weight_bytes_decode_reads(llm_dir):
+    from dsv2.engine.benchmark import weight_bytes
+    from dsv2.model.moe import Gate
+    bytes_of = {}
+    for dtype, quantization in (("float32", None), ("bfloat16", None), ("bfloat16", "int8")):
+        llm = LLM(llm_dir, dtype=dtype, quantization=quantization, kv_cache_memory="16MiB")
+        bytes_of[quantization or dtype] = weight_bytes(llm.model)
+        routers = sum(m.weight.numel() for m in llm.model.modules() if isinstance(m, Gate))  # fp32 in every plan
+    cfg = llm.config
+    active = cfg.param_counts()["activated"] - cfg.hidden_size  # an embedding row is looked up, not multiplied
+    # absorbed decode reads W_UK and W_UV^T (kv_b_proj's own numbers, rearranged) instead of kv_b_proj
+    assert bytes_of["float32"]["decode_weight_bytes_per_token"] == 4 * active
+    assert bytes_of["bfloat16"]["decode_weight_bytes_per_token"] == 2 * active + 2 * routers
+    assert bytes_of["int8"]["decode_weight_bytes_per_token"] < 0.6 * bytes_of["bfloat16"]["decode_weight_bytes_per_token"]
+    assert bytes_of["float32"]["weight_bytes"] >= 4 * cfg.param_counts()["total"]

@@ -10,8 +10,10 @@ import resource
 import time
 
 import numpy as np
+import torch
 
 from ..capability import cpu_capability
+from ..model.moe import ExpertGroup
 from .llm import LLM
 from .sampling_params import SamplingParams
 
@@ -59,4 +61,45 @@ def run_benchmark(llm: LLM, batch: int, context: int, new: int, repeat: int = 1,
         "tensor_parallel_size": llm.tensor_parallel_size, "kv_cache_bytes_per_rank": llm.kv_cache_bytes,
         "kv_cache_bytes_all_ranks": llm.kv_cache_bytes * llm.tensor_parallel_size,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # rank 0's process
+        **weight_bytes(llm.model),
     }
+
+
+def weight_bytes(model) -> dict:
+    """Bytes of the weights as stored (this process's part under tensor parallelism), and how many of them one
+    decode step reads per token: the bandwidth roof of single-sequence decode is read bandwidth / the latter.
+    A decode step reads every matrix but the embedding (a row lookup), reads W_UK / W_UV^T instead of kv_b_proj
+    (absorbed attention; prefill uses kv_b_proj), reads num_experts_per_tok of the n_routed_experts routed experts
+    of each MoE layer, and reads int8's kernel scales instead of the fp32 ones."""
+    cfg = model.config
+    embedding = model.model.embed_tokens.weight
+    unread = {id(embedding)} if embedding is not getattr(model.lm_head, "weight", None) else set()
+    unread |= {id(m.kv_b_proj.weight) for m in model.modules() if hasattr(m, "w_uk")}  # absorbed decode
+    total = active = 0
+    seen: set[int] = set()
+    routed_modules = {id(m) for group in model.modules() if isinstance(group, ExpertGroup) for m in group.modules()}
+    for module in model.modules():
+        tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        for name, value in vars(module).items():  # prepacked weights (model/packed.py) are plain attributes
+            if not name.startswith("_"):
+                tensors.update((f"{name}.{i}", t) for i, t in enumerate(_tensors(value)))
+        routed = cfg.num_experts_per_tok / cfg.n_routed_experts if id(module) in routed_modules else 1.0
+        for name, t in tensors.items():
+            key = id(t) if t.is_mkldnn else t.data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            size = t.numel() * t.element_size()
+            total += size
+            if id(t) in unread or (name.endswith("_scale") and name[:-6] + "_kernel_scale" in tensors):
+                continue
+            active += size * routed
+    return {"weight_bytes": total, "decode_weight_bytes_per_token": int(active)}
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
