@@ -7,6 +7,9 @@
 
 Lower level (the server's engine loop): add_request() from any thread, step() in one thread, abort() anywhere.
 
+Training (GRPO, train/grpo.py): LLM.from_model(model, tokenizer) runs a model being trained, in place, sharing its
+parameters; llm.refresh() after each optimizer step.
+
 Several devices: LLM(path, tensor_parallel_size=N) splits the model over N processes (engine/workers.py); rank 0,
 this process, schedules, samples and detokenizes. `with LLM(...) as llm:` or llm.shutdown() stops the workers
 (exit does too).
@@ -22,8 +25,9 @@ from collections.abc import Iterator
 
 import torch
 
-from ..capability import inference_plan
+from ..capability import InferencePlan, inference_plan
 from ..checkpoint import resolve_model_path
+from ..model import MLA, Transformer
 from ..progress import Progress
 from ..tokenizer import Tokenizer
 from ..units import parse_bytes
@@ -114,6 +118,52 @@ class LLM:
             self.shutdown()
             raise
 
+    @classmethod
+    def from_model(cls, model: Transformer, tokenizer: Tokenizer | None = None, *, max_num_seqs: int = 256,
+                   max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
+                   kv_cache_memory: int | str | None = None, block_size: int = 16,
+                   enable_prefix_caching: bool = True, seed: int = 0,
+                   generation_defaults: dict | None = None) -> LLM:
+        """An engine over a model in memory -- one being trained -- that computes with its parameters as they are
+        (the same storage, in their dtype: no copy, packing or quantization), on their device, in this process.
+
+        The model keeps the training layout: MLA's absorbed decode reads W_UK and W_UV^T as views of kv_b_proj's
+        weight at every step (MLA.absorbed_weights), so nothing is derived from the weights ahead of time and an
+        optimizer step is seen at once. Only the prefix cache goes stale (latents the old weights computed): call
+        refresh() after every update. The engine runs the model in whatever mode it is in (eval() is the one to
+        sample in: no activation checkpointing)."""
+        if any(isinstance(m, MLA) and m.fused_input for m in model.modules()):
+            raise ValueError("LLM.from_model takes a model in the training layout; this one was prepared for "
+                             "inference (fused MLA input projection): use LLM(path) for it")
+        weight = model.model.embed_tokens.weight
+        self = cls.__new__(cls)
+        self.workers, self.tensor_parallel_size = None, 1
+        self.plan = InferencePlan(str(weight.device), weight.dtype, weight.dtype, weight.dtype, "plain", None, False)
+        self.model, self.tokenizer = model, tokenizer
+        self.generation_defaults = dict(generation_defaults or {})
+        self._assemble(EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                    max_num_batched_tokens=max(max_num_batched_tokens, block_size),
+                                    kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
+                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching, seed=seed))
+        return self
+
+    def refresh(self) -> None:
+        """After the weights changed in place (an optimizer step on a from_model engine): drop the prefix cache,
+        whose latents the old weights computed. Nothing else is derived from the weights (see from_model). Call it
+        between generate() calls, with no request in flight."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("refresh() with requests in flight: finish or abort them first")
+        self._new_scheduler()
+
+    def _new_scheduler(self) -> None:
+        """An empty allocator (no cached prefixes) and the scheduler over it."""
+        layout, engine = self.cache_layout, self.engine_config
+        self.allocator = BlockAllocator(layout.num_blocks, layout.block_size,
+                                        enable_prefix_caching=engine.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=engine.max_num_seqs,
+                                                   max_num_batched_tokens=engine.max_num_batched_tokens,
+                                                   max_model_len=layout.max_model_len), self.allocator)
+
     def _assemble(self, engine: EngineConfig) -> None:
         """The engine around the prepared model: cache sized after a profile of one step, runner, allocator,
         scheduler, sampler."""
@@ -131,11 +181,7 @@ class LLM:
         self.kv_cache_bytes_per_token = layout.bytes_per_token  # all layers, as stored
         self.runner = ModelRunner(self.model, layout.num_blocks, layout.block_size, self.plan.cache_dtype,
                                   engine.kv_cache_dtype)
-        self.allocator = BlockAllocator(layout.num_blocks, layout.block_size,
-                                        enable_prefix_caching=engine.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=engine.max_num_seqs,
-                                                   max_num_batched_tokens=engine.max_num_batched_tokens,
-                                                   max_model_len=layout.max_model_len), self.allocator)
+        self._new_scheduler()
         eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

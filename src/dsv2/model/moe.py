@@ -47,10 +47,18 @@ class Gate(nn.Module):
             self.weight.data = fp32.to(self.weight.device)
         return self
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] -> weights [T, K] fp32, expert ids [T, K], scores [T, E] fp32."""
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> weights [T, K] fp32, expert ids [T, K], scores [T, E] fp32.
+        replay [T, K]: take these expert ids instead of choosing (routing replay, see RoutingReplay); their weights
+        are still the current scores at them, so the router keeps its gradient."""
         with torch.autocast(x.device.type, enabled=False):
             scores = F.linear(x.float(), self.weight).softmax(dim=-1)  # [T, E]
+        if replay is not None:
+            if replay.shape != (x.shape[0], self.top_k):
+                raise ValueError(f"routing replay holds {tuple(replay.shape)} expert ids for {x.shape[0]} tokens "
+                                 f"x top-{self.top_k}: it was recorded on another batch")
+            return self._weights(scores.gather(1, replay)), replay, scores
         choose_from = scores
         if self.method == "group_limited_greedy":
             # device-limited routing: keep the topk_group groups holding the best single expert, zero the rest
@@ -59,11 +67,13 @@ class Gate(nn.Module):
             group_mask = torch.zeros_like(group_best, dtype=torch.bool).scatter_(1, keep, True)
             choose_from = scores.masked_fill(~group_mask.repeat_interleave(self.n_experts // self.n_group, -1), 0.0)
         weights, idx = choose_from.topk(self.top_k, dim=-1, sorted=False)  # [T, K]
+        return self._weights(weights), idx, scores
+
+    def _weights(self, chosen: torch.Tensor) -> torch.Tensor:
+        """The chosen experts' scores [T, K] -> their combination weights."""
         if self.top_k > 1 and self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # no routed_scaling_factor here
-        else:
-            weights = weights * self.scaling
-        return weights, idx, scores
+            return chosen / (chosen.sum(dim=-1, keepdim=True) + 1e-20)  # no routed_scaling_factor here
+        return chosen * self.scaling
 
 
 class ExpertGroup(nn.Module):
@@ -134,6 +144,23 @@ class Experts(ExpertGroup):
         return out.to(x.dtype)
 
 
+class RoutingReplay(dict):
+    """A `router_out` dict (layer -> RouterOutput, filled by the forward as usual) that also makes every MoE layer
+    take recorded expert choices instead of choosing: recorded[layer] = topk_idx [T, K] of an earlier forward over
+    the same batch. GRPO (train/grpo.py) records them in the old policy's forward and replays them in each update,
+    so a policy that moves between updates still runs the experts its samples were scored with; the combination
+    weights come from the current router (Gate.forward), so it is still trained."""
+
+    def __init__(self, recorded: dict[int, torch.Tensor]):
+        super().__init__()
+        self.recorded = recorded
+
+    @classmethod
+    def of(cls, router_out: dict) -> "RoutingReplay":
+        """Replay what a forward wrote into `router_out`."""
+        return cls({layer: r.topk_idx for layer, r in router_out.items()})
+
+
 @dataclass
 class TokenDropping:
     """Device-level token dropping for one training batch (paper section 2.2.4), passed down by the trainer.
@@ -193,11 +220,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, router_out: dict | None = None,
                 drop: TokenDropping | None = None) -> torch.Tensor:
         """x [..., H]. When `router_out` is a dict, the router's output is stored under this layer's index
-        (a dict, not a list, so activation-checkpoint recomputation overwrites instead of appending). `drop`
-        switches on token dropping, in training mode only."""
+        (a dict, not a list, so activation-checkpoint recomputation overwrites instead of appending); a
+        RoutingReplay also fixes the expert choices. `drop` switches on token dropping, in training mode only."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, H]
-        weights, idx, scores = self.gate(x)
+        replay = router_out.recorded.get(self.layer_idx) if isinstance(router_out, RoutingReplay) else None
+        weights, idx, scores = self.gate(x, replay)
         keep = None
         if self.training and drop is not None:
             keep = self.capacity_keep(scores, idx, shape[0] if len(shape) == 3 else 1, drop)
