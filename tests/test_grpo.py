@@ -125,6 +125,23 @@ def test_engine_from_model_follows_optimizer_steps():
         LLM.from_model(prepare_for_inference(tiny_model(3), inference_plan("cpu", "float32")))
 
 
+def test_engine_samples_through_lora_adapters():
+    from dsv2.train.grpo import GRPO_LORA_TARGETS
+    from dsv2.train.lora import LoraConfig, apply_lora, lora_parameters
+    model = tiny_model(8)
+    torch.manual_seed(0)
+    apply_lora(model, LoraConfig(4, 8.0, GRPO_LORA_TARGETS + ("experts",)))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.3)  # B starts at zero: give the adapters something to say
+    model.eval()
+    llm = LLM.from_model(model, None, max_num_seqs=2, max_model_len=64)
+    prompts = [[0, 4, 5, 6, 7], [0, 90]]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0, max_tokens=8,
+                                                                                 ignore_eos=True))
+    assert [o.token_ids for o in outs] == [naive_greedy(model, p, 8) for p in prompts]
+
+
 def test_refresh_drops_stale_prefixes():
     model = tiny_model(4).eval()
     llm = LLM.from_model(model, None, max_num_seqs=2, max_model_len=64, block_size=4)
@@ -273,3 +290,47 @@ def test_cli_errors(tmp_path, llm_dir, capsys):
                 "--reward", "exact_match", "--group-size", "1"]) == 1
     assert "group_size" in capsys.readouterr().err
     assert cli(["grpo", "--resume", "--out", str(tmp_path / "nowhere")]) == 1
+
+
+def test_cli_lora_run_exports_the_merged_model(tmp_path, llm_dir):
+    """--lora-rank: only the adapters train, the engine samples through them, resume restores them exactly and
+    `dsv2 export` writes base + update."""
+    from dsv2 import load_model
+    from dsv2.cli import main as cli
+    from dsv2.train.grpo import merged_state_dict
+    from dsv2.train.lora import LoraConfig, apply_lora, merge_lora
+    prompts = _prompts(tmp_path / "p.jsonl")
+    reward = tmp_path / "r.py"
+    reward.write_text("def digits(prompt, completion, **kw):\n"
+                      "    return sum(ch.isdigit() for ch in completion) / (1 + len(completion))\n")
+    common = ["--model", llm_dir, "--prompts", prompts, "--reward", f"{reward}:digits", "--steps", "2",
+              "--batch-size", "2", "--group-size", "3", "--max-tokens", "5", "--lr", "1e-2", "--save-every", "1",
+              "--lora-rank", "4", "--lora-targets", "q_b_proj,o_proj,experts", "--quiet"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert cli(["grpo", "--out", full, *common]) == 0
+    assert cli(["grpo", "--out", part, *common]) == 0
+    assert cli(["grpo", "--resume", "--resume-step", "1", "--out", part, "--quiet"]) == 0
+    drop = ("rollout_s", "reward_s", "update_s", "elapsed_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in _records(part)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in _records(full)]
+    state = torch.load(os.path.join(full, "checkpoints", "step-00000002.pt"), weights_only=True)
+    assert set(state["lora"]) and all(".lora_" in k for k in state["lora"])
+    # the saved plain state is what merge_lora makes of the adapted model
+    model = load_model(llm_dir)
+    torch.manual_seed(0)
+    apply_lora(model, LoraConfig(4, 8.0, ("q_b_proj", "o_proj", "experts")))
+    from dsv2.train.lora import load_trainable_state_dict
+    load_trainable_state_dict(model, state["lora"])
+    merged = merged_state_dict(model)
+    assert all(torch.equal(merged[k], v) for k, v in state["model"].items())
+    plain = merge_lora(model).state_dict()
+    assert all(torch.allclose(plain[k], v, atol=1e-6) for k, v in state["model"].items())
+    base = load_model(llm_dir).state_dict()
+    assert not torch.equal(state["model"]["model.layers.1.mlp.experts.down_proj"],
+                           base["model.layers.1.mlp.experts.down_proj"])  # the experts' adapters trained
+    assert torch.equal(state["model"]["model.layers.1.self_attn.kv_b_proj.weight"],
+                       base["model.layers.1.self_attn.kv_b_proj.weight"])  # not a target
+    out = str(tmp_path / "exported")
+    assert cli(["export", full, out]) == 0
+    assert torch.equal(load_model(out).lm_head.weight, load_model(llm_dir).lm_head.weight)
+    assert cli(["grpo", "--out", str(tmp_path / "bad"), *common[:-3], "--lora-targets", "kv_b_proj"]) == 1

@@ -16,7 +16,7 @@ import sys
 _FIELDS = ("prompts", "reward", "model", "steps", "batch_size", "group_size", "max_tokens", "temperature", "stop",
            "lr", "warmup_steps", "weight_decay", "grad_clip", "beta", "epsilon", "epsilon_high", "loss_normalization",
            "updates_per_rollout", "replay_routing", "skip_zero_spread", "micro_batch", "bf16", "grad_checkpointing",
-           "save_every", "keep_checkpoints", "seed", "device", "threads")
+           "lora_rank", "lora_alpha", "lora_targets", "save_every", "keep_checkpoints", "seed", "device", "threads")
 
 
 def register(sub) -> None:
@@ -92,6 +92,16 @@ def register(sub) -> None:
     g.add_argument("--warmup-steps", type=int, help="linear warm-up, in steps (default 0)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0)")
     g.add_argument("--grad-clip", type=float, help="global gradient-norm clip (default 1.0)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, metavar="R",
+                   help="train LoRA adapters of rank R instead of every weight (8-64 is usual); the engine samples "
+                        "through them, checkpoints hold the adapters, and `dsv2 export` writes the merged model")
+    g.add_argument("--lora-alpha", type=float, help="the update's scale is alpha / rank (default 2 x rank)")
+    g.add_argument("--lora-targets", type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()),
+                   metavar="NAMES", help="comma-separated module names (default: q_proj / q_a_proj, q_b_proj, "
+                                         "kv_a_proj_with_mqa, o_proj, gate_proj, up_proj, down_proj; add "
+                                         "experts for the routed experts). kv_b_proj cannot be adapted here: the "
+                                         "engine's absorbed decode reads its weight directly")
     g = p.add_argument_group("speed, memory, run")
     g.add_argument("--micro-batch", type=int, help="sequences per forward/backward (default: the whole step, "
                                                    "batch-size x group-size); the loss is the same either way")

@@ -55,9 +55,13 @@ from .checkpointing import (append_metrics, list_checkpoints, load_latest, read_
                             save_checkpoint, set_aside_after, set_rng_state)
 from .loop import TOKENIZER_FILES
 from .optim import build_optimizer, lr_at
+from .lora import DEFAULT_TARGETS, LoraConfig, LoraExperts, LoraLinear, apply_lora, load_trainable_state_dict, \
+    trainable_state_dict
 from .rewards import load_reward, python_asserts, required_fields, score
 
 GRPO_CONFIG = "grpo_config.json"
+# LoRA targets: LoRA's defaults but kv_b_proj, whose weight the engine's absorbed decode reads directly
+GRPO_LORA_TARGETS = tuple(t for t in DEFAULT_TARGETS if t != "kv_b_proj")
 ADVANTAGE_EPS = 1e-4  # (r - mean) / (std + eps): a group whose rewards barely differ gets no huge advantages
 
 NORMALIZATIONS = {
@@ -95,6 +99,9 @@ class GRPOConfig:
     replay_routing: bool = False
     skip_zero_spread: bool = False  # leave out groups whose samples all scored the same (their advantages are 0)
     micro_batch: int | None = None  # sequences per forward/backward; None = the whole step
+    lora_rank: int | None = None  # train LoRA adapters (train/lora.py) instead of every weight
+    lora_alpha: float | None = None  # None: 2 x rank
+    lora_targets: tuple[str, ...] | None = None  # None: GRPO_LORA_TARGETS
     bf16: bool = False
     grad_checkpointing: bool = False
     save_every: int = 50
@@ -119,6 +126,17 @@ class GRPOConfig:
         need(self.loss_normalization in NORMALIZATIONS, "loss_normalization", f"choose one of {list(NORMALIZATIONS)}")
         need(self.micro_batch is None or self.micro_batch >= 1, "micro_batch", "must be >= 1")
         need(self.grad_clip > 0, "grad_clip", "must be positive")
+        need(self.lora_rank is None or self.lora_rank >= 1, "lora_rank", "must be >= 1")
+        need(self.lora_targets is None or "kv_b_proj" not in self.lora_targets, "lora_targets",
+             "kv_b_proj cannot be adapted in GRPO: the engine's absorbed decode multiplies by its weight directly "
+             "(W_UK, W_UV^T), which would leave the adapter out of the samples")
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        if self.lora_rank is None:
+            return None
+        return LoraConfig(self.lora_rank, self.lora_alpha or 2.0 * self.lora_rank,
+                          self.lora_targets or GRPO_LORA_TARGETS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,7 +146,8 @@ class GRPOConfig:
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown GRPO settings {unknown}")
-        return cls(**{**d, "stop": tuple(d.get("stop", ()))})
+        targets = d.get("lora_targets")
+        return cls(**{**d, "stop": tuple(d.get("stop", ())), "lora_targets": targets and tuple(targets)})
 
     def save(self, run_dir: str) -> None:
         with atomic_write(os.path.join(run_dir, GRPO_CONFIG)) as f:
@@ -374,6 +393,21 @@ def optimize(policy, reference, opt, prompt_ids: list[list[int]], completion_ids
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The plain model's state dict of a model with LoRA adapters (each base weight plus its update, as merge_lora
+    would make it), without changing the model; a model without adapters: its state dict."""
+    state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            state[f"{name}.weight"] = (m.base_layer.weight.float() + m.delta().float()).to(m.base_layer.weight.dtype)
+        elif isinstance(m, LoraExperts):
+            gate_up, down = m.deltas()
+            state[f"{name}.gate_up_proj"] = m.base_layer.gate_up_proj.float() + gate_up.float()
+            state[f"{name}.down_proj"] = m.base_layer.down_proj.float() + down.float()
+    return state
+
+
 def _init_run_dir(cfg: GRPOConfig, run_dir: str, model_dir: str) -> None:
     for name in (GRPO_CONFIG, "train_config.json"):
         if os.path.exists(os.path.join(run_dir, name)):
@@ -416,12 +450,18 @@ def grpo(cfg: GRPOConfig, run_dir: str, resume: bool = False, progress: bool = T
 
     policy = load_model(model_dir, device=device)  # fp32 weights: AdamW's updates are far below bf16's step
     reference = load_model(model_dir, device=device).requires_grad_(False) if cfg.beta > 0 else None
+    if cfg.lora is not None:
+        torch.manual_seed(cfg.seed)  # the adapters' A matrices
+        apply_lora(policy, cfg.lora)
     policy.gradient_checkpointing = cfg.grad_checkpointing
     opt = build_optimizer(policy, cfg.lr, cfg.weight_decay, (0.9, 0.99))
     step, elapsed, wall, tokens = 0, 0.0, 0.0, 0
     if state is not None:
         state, path = state
-        policy.load_state_dict(state["model"])
+        if cfg.lora is not None:
+            load_trainable_state_dict(policy, state["lora"])
+        else:
+            policy.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         step, elapsed, wall, tokens = state["step"], state["elapsed_s"], state["wall_s"], state["tokens"]
@@ -442,9 +482,12 @@ def grpo(cfg: GRPOConfig, run_dir: str, resume: bool = False, progress: bool = T
             handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
 
     def checkpoint() -> None:
+        # "model" is always the plain model's state (LoRA merged in), what `dsv2 export` writes; "lora" the
+        # adapters a LoRA run resumes from
+        lora = {"lora": trainable_state_dict(policy)} if cfg.lora is not None else {}
         save_checkpoint(run_dir, step, {"format": "dsv2-grpo-checkpoint", "version": 1, "step": step,
                                         "elapsed_s": elapsed, "wall_s": wall, "tokens": tokens,
-                                        "model": policy.state_dict(), "optimizer": opt.state_dict(),
+                                        "model": merged_state_dict(policy), **lora, "optimizer": opt.state_dict(),
                                         "rng": rng_state()}, cfg.keep_checkpoints)
 
     bar = Progress(cfg.steps - step, "grpo", unit="step", enabled=progress)
