@@ -94,7 +94,8 @@ def mla_decode(q_abs: torch.Tensor, cache: torch.Tensor, block_tables: torch.Ten
     S = num_splits or default_splits(B, n, q.device)
     part = torch.empty(B, n, S, R, dtype=torch.float32, device=q.device)  # each split's normalized output
     lse = torch.empty(B, n, S, dtype=torch.float32, device=q.device)  # and its log2-sum-exp2 of scores
-    tables, lens = block_tables.to(torch.int32), context_lens.to(torch.int32)
+    tables, lens = block_tables.to(torch.int32), context_lens.to(torch.int32).contiguous()
+    tables = tables if tables.stride(1) == 1 else tables.contiguous()  # rows may be strided (a static buffer)
     BLOCK_R, BLOCK_DR = max(16, triton.next_power_of_2(R)), max(16, triton.next_power_of_2(Dr))
     _split_kernel[(B, triton.cdiv(n, BLOCK_H), S)](
         q, q.stride(0), q.stride(1),
