@@ -29,7 +29,8 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2"
                 "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                 "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -108,7 +109,7 @@ def read_header(file: str, with_offset: bool = False):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
     header.pop("__metadata__", None)
-    data_size, end_max = size - 8 - n, 0
+    data_size, end_max, last = size - 8 - n, 0, None
     for key, info in header.items():
         try:
             begin, end = info["data_offsets"]
@@ -121,10 +122,13 @@ def read_header(file: str, with_offset: bool = False):
         if end - begin != nbytes:
             raise CheckpointError(f"{file}: {key!r} claims {end - begin} bytes but shape {info['shape']} "
                                   f"{info['dtype']} needs {nbytes} (corrupt file)")
+        if end > data_size and (last is None or begin < header[last]["data_offsets"][0]):
+            last = key  # the first tensor (in file order) that is cut off
         end_max = max(end_max, end)
     if end_max > data_size:
         raise CheckpointError(f"{file}: truncated -- the header describes {end_max} bytes of tensor data but only "
-                              f"{data_size} are present. Download the file again.")
+                              f"{data_size} are present ({last!r} and what follows it are cut off). Download or "
+                              "write the file again.")
     return (header, 8 + n) if with_offset else header
 
 
@@ -242,6 +246,7 @@ def checkpoint_files(directory: str) -> dict[str, str]:
 
 def validate(cfg: ModelConfig, directory: str) -> dict[str, str]:
     """Check names, shapes and dtypes of every tensor against `cfg` without reading weights; key -> file."""
+    _refuse_quantized(directory)
     files = checkpoint_files(directory)
     headers = {f: read_header(f) for f in sorted(set(files.values()))}
     _refuse_fp8(directory, files, headers)
@@ -264,6 +269,23 @@ def validate(cfg: ModelConfig, directory: str) -> dict[str, str]:
         if info["dtype"] not in _FLOAT_DTYPES:
             raise CheckpointError(f"{file}: {key!r} is stored as {info['dtype']}; expected a floating-point dtype")
     return files
+
+
+def _refuse_quantized(directory: str) -> None:
+    """A checkpoint written by `dsv2 quantize` (engine/quantized_checkpoint.py) holds int8 / int4 codes, not the
+    weights that training, export or a plain load need; it would otherwise fail as 'a different model'."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            quant = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(quant, dict) or quant.get("quant_method") != "dsv2":
+        return
+    raise CheckpointError(
+        f"{directory} is a dsv2 {quant.get('format')} checkpoint (written by `dsv2 quantize`): its matrices are "
+        "stored as quantized codes, which only dsv2's inference engine reads, in one process (LLM(path); dsv2 "
+        "generate / chat / bench / serve --model DIR). Loading it as plain weights (dsv2.load_model, training or "
+        "fine-tuning from it, export, tensor-parallel runs) needs the original checkpoint it was quantized from.")
 
 
 def _refuse_fp8(directory: str, files: dict[str, str], headers: dict[str, dict]) -> None:

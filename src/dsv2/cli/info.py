@@ -60,7 +60,19 @@ def describe(path: str) -> dict:
         "per_head_kv_cache_bytes_per_token": full,
         "kv_cache_reduction": full / latent,
         "bf16_weight_bytes": 2 * counts["total"],
+        "quantization": _quantization(path),
     }
+
+
+def _quantization(path: str) -> dict | None:
+    """config.json's quantization_config when `dsv2 quantize` wrote the directory, with the weights' bytes on disk."""
+    from ..engine.quantized_checkpoint import quantization_config
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    quant = quantization_config(directory)
+    if quant is None:
+        return None
+    weights = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
+    return {**quant, "weight_bytes": sum(os.path.getsize(os.path.join(directory, f)) for f in weights) or None}
 
 
 def describe_system(device: str | None = None, dtype: str = "auto", quantization: str | None = None) -> dict:
@@ -132,6 +144,7 @@ def run(args) -> int:
         ("parameters", f"{d['total_params']:,} total ({_human(d['total_params'])}), "
                        f"{d['activated_params']:,} per token ({_human(d['activated_params'])})"),
         ("weights (bf16)", _bytes(d["bf16_weight_bytes"])),
+        *([("quantization", _describe_quantization(d["quantization"]))] if d["quantization"] else []),
         ("KV cache / token", f"{d['kv_cache_bytes_per_token']:,} B latent (bf16; "
                              f"{d['kv_cache_bytes_per_token_fp8']:,} B with --kv-cache-dtype fp8) vs "
                              f"{d['per_head_kv_cache_bytes_per_token']:,} B per-head K/V: {d['kv_cache_reduction']:.1f}x smaller"),
@@ -143,6 +156,15 @@ def run(args) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _describe_quantization(q: dict) -> str:
+    fmt = q["format"] + (f", groups of {q['group_size']} with a scale and zero each" if q.get("group_size") else
+                         ", a scale per output row")
+    int8 = f"; {', '.join(q['modules_in_int8'])} int8" if q.get("modules_in_int8") else ""
+    size = f", {_bytes(q['weight_bytes'])} on disk" if q.get("weight_bytes") else ""
+    return (f"{fmt}{int8} (written by dsv2 quantize {q.get('dsv2_version', '?')}{size}; embedding, norms, "
+            f"router and kv_b_proj kept in {q.get('kept_dtype', 'bfloat16')}). Loads as stored; dsv2 only")
 
 
 def _human(n: int) -> str:

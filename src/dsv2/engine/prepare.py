@@ -17,6 +17,7 @@ its file, before anything is returned.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -48,6 +49,26 @@ def release_freed_memory() -> None:
 def load_for_inference(path: str, plan: InferencePlan, parallel: ParallelContext | None = None,
                        progress: bool = False) -> Transformer:
     directory = resolve_model_path(path)
+    from .quantized_checkpoint import load_quantized, quantization_config  # (it builds on this module)
+    if quantization_config(directory) is not None:  # written by `dsv2 quantize`: read as stored, no re-quantizing
+        return load_quantized(directory, plan, parallel, progress)
+    model = None
+    for model, _ in stream_parts(directory, plan, parallel, progress):
+        pass
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
+    if left:
+        raise RuntimeError(f"internal: {left[:3]} were never read (streaming loader)")
+    model.requires_grad_(False)
+    return prepare_embedding(model, plan).eval()
+
+
+def stream_parts(directory: str, plan: InferencePlan, parallel: ParallelContext | None = None,
+                 progress: bool = False, desc: str = "loading weights"
+                 ) -> Iterator[tuple[Transformer, dict[str, nn.Module]]]:
+    """Read a plain checkpoint part by part, each in its inference form: yields (model, part) as each part is done,
+    part = {module path: module}: first the embedding, final norm and lm_head, then each decoder block. The parts
+    not yet yielded are on the meta device; a caller that writes each part out may release it (to_empty on meta)
+    before asking for the next, so that it never holds more than one part (engine/quantized_checkpoint.py)."""
     cfg = ModelConfig.from_pretrained(directory)
     files = validate(cfg, directory)  # the whole checkpoint is checked, whichever parts or slices are read
     model = build_model(cfg, dtype=plan.weight_dtype, device="meta", init=False)
@@ -68,7 +89,7 @@ def load_for_inference(path: str, plan: InferencePlan, parallel: ParallelContext
         return {k: t for k, t in every.items() if not k.startswith(LAYERS)}
 
     top = [model.model.embed_tokens, model.model.norm, model.lm_head]
-    bar = Progress(len(model.model.layers) + 1, "loading weights", unit="parts", enabled=progress)
+    bar = Progress(len(model.model.layers) + 1, desc, unit="parts", enabled=progress)
     for m in top:
         m.to_empty(device=plan.device)
     if cfg.tie_word_embeddings:
@@ -78,6 +99,7 @@ def load_for_inference(path: str, plan: InferencePlan, parallel: ParallelContext
     workspace = Workspace()
     _convert_child(model, "lm_head", plan, workspace)
     bar.update(1)
+    yield model, top_part(model)
     for i, block in enumerate(model.model.layers):
         experts = None if sharded else _converted_experts(block, plan, workspace)
         block.to_empty(device=plan.device)
@@ -87,12 +109,13 @@ def load_for_inference(path: str, plan: InferencePlan, parallel: ParallelContext
         prepare_part(block, plan, workspace)
         release_freed_memory()
         bar.update(1)
+        yield model, {f"{LAYERS}{i}": block}
     bar.close()
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
-    if left:
-        raise RuntimeError(f"internal: {left[:3]} were never read (streaming loader)")
-    model.requires_grad_(False)
-    return prepare_embedding(model, plan).eval()
+
+
+def top_part(model: Transformer) -> dict[str, nn.Module]:
+    """The part outside the decoder blocks, by module path."""
+    return {"model.embed_tokens": model.model.embed_tokens, "model.norm": model.model.norm, "lm_head": model.lm_head}
 
 
 def _convert_child(parent: nn.Module, name: str, plan: InferencePlan, workspace: Workspace) -> nn.Module:
