@@ -151,3 +151,122 @@ def test_packed_batches_keep_targets_inside_each_conversation():
     assert SftBatches(convs, 10, seed=0, pad_id=1).get(3, 3).ids.tolist() == batches.get(3, 3).ids.tolist()  # by (seed, row)
     plain = SftBatches(convs, 10, seed=0, packing=False)
     assert plain.rows_per_epoch == 5 and plain.get(0, 5).packed is None
+
+
+# ---- dsv2 sft: runs, resume, export -----------------------------------------------------------------------------
+def _write_chats(path, n=30, bad=False):
+    """Arithmetic chats of very different lengths (a long system prompt on some), and prompt/completion lines."""
+    import json
+    import random
+    rng = random.Random(0)
+    lines = []
+    for i in range(n):
+        a, b = rng.randint(1, 999), rng.randint(1, 999)
+        msgs = [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"{a + b}."}]
+        if i % 3 == 0:
+            msgs = [{"role": "system", "content": "You add numbers. " * rng.randint(1, 12)}] + msgs + [
+                {"role": "user", "content": "And times two?"}, {"role": "assistant", "content": f"{2 * (a + b)}."}]
+        lines.append(json.dumps({"messages": msgs}))
+        if i % 4 == 0:
+            lines.append(json.dumps({"prompt": f"def add_{i}(x):", "completion": f"    return x + {i}"}))
+    if bad:
+        lines[3:3] = ["{oops", json.dumps({"messages": [{"role": "robot", "content": "beep"}]})]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _sft(*args):
+    from dsv2.cli import main as cli
+    return cli(["sft", "--quiet", "--threads", "1", "--seq-len", "128", "--batch-size", "2", "--log-every", "1",
+                *map(str, args)])
+
+
+def _train_records(run):
+    from dsv2.train.checkpointing import read_metrics
+    return [r for r in read_metrics(run) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sft_resumes_exactly(tmp_path, lora):
+    """A run whose last checkpoint is lost resumes from the one before and logs the very same losses."""
+    import glob
+    import os
+    data = _write_chats(tmp_path / "chats.jsonl")
+    run = str(tmp_path / "run")
+    extra = ["--lora-rank", 4, "--lora-targets", "q_a_proj,o_proj,experts", "--lora-dropout", 0.1] if lora else []
+    assert _sft("--data", data, "--out", run, "--steps", 6, "--save-every", 3, "--grad-accum", 2, *extra) == 0
+    first = _train_records(run)
+    assert [r["step"] for r in first] == list(range(1, 7))
+    assert first[-1]["ce"] < first[0]["ce"] + 1.0 and all(r["target_tokens"] > 0 for r in first)
+    for f in glob.glob(f"{run}/checkpoints/step-00000006.pt*"):
+        os.remove(f)
+    assert _sft("--resume", "--out", run) == 0
+    again = _train_records(run)
+    assert [(r["loss"], r["grad_norm"], r["tokens"]) for r in again] == \
+        [(r["loss"], r["grad_norm"], r["tokens"]) for r in first]
+    import torch as _t
+    state = _t.load(f"{run}/checkpoints/step-00000006.pt", weights_only=True)
+    assert ("lora" in state) == lora
+    if lora:  # only what trains is saved
+        assert all(".lora_" in k for k in state["model"])
+
+
+def test_loss_is_per_token_over_the_whole_step(tmp_path):
+    """Two micro-batches of one row == one micro-batch of two rows: each assistant token weighs the same."""
+    data = _write_chats(tmp_path / "chats.jsonl")
+    runs = {}
+    for name, b, ga in (("one", 2, 1), ("two", 1, 2)):
+        run = str(tmp_path / name)
+        assert _sft("--data", data, "--out", run, "--steps", 1, "--batch-size", b, "--grad-accum", ga,
+                    "--lr", 1e-3, "--warmup-steps", 0, "--schedule", "constant") == 0
+        runs[name] = _train_records(run)[0]
+    r1, r2 = runs["one"], runs["two"]
+    assert r1["target_tokens"] == r2["target_tokens"]
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)  # a mean per micro-batch would differ by ~10%
+    assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4)
+
+
+def test_exports_of_a_lora_run_load_in_transformers_and_peft(tmp_path):
+    pytest.importorskip("peft")
+    import copy
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from dsv2.assets import default_model_path
+    from dsv2.cli import main as cli
+    from dsv2.train.checkpointing import load_latest
+    from dsv2.train.sft import load_lora_run_model
+    data = _write_chats(tmp_path / "chats.jsonl")
+    run = str(tmp_path / "run")
+    assert _sft("--data", data, "--out", run, "--steps", 2, "--lora-rank", 4, "--lr", 5e-2,
+                "--lora-targets", "q_a_proj,kv_b_proj,o_proj,gate_proj,down_proj,experts", "--train-router") == 0
+    assert cli(["export", run, str(tmp_path / "merged")]) == 0
+    assert cli(["export", run, str(tmp_path / "adapter"), "--adapter-only"]) == 0
+    unmerged = load_lora_run_model(run, load_latest(run)[0]).eval()
+    ids = torch.randint(0, 8192, (2, 40), generator=torch.Generator().manual_seed(0))
+    hf_base = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
+    merged_hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(copy.deepcopy(hf_base), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        ours = unmerged(ids)
+        merged_dsv2 = dsv2.load_model(str(tmp_path / "merged"))(ids)
+        base, hf, pm = hf_base(ids).logits, merged_hf(ids).logits, peft(ids).logits
+    assert (ours - base).abs().max() > 1e-2  # training moved it
+    assert (merged_dsv2 - ours).abs().max() < 1e-4  # merged == unmerged
+    assert (hf - ours).abs().max() < 1e-4  # transformers loads the merged export
+    assert (pm - ours).abs().max() < 1e-4  # PEFT loads the adapter
+
+
+def test_sft_reports_bad_lines_and_refuses_with_strict(tmp_path, capsys):
+    from dsv2.cli import main as cli
+    data = _write_chats(tmp_path / "chats.jsonl", n=6, bad=True)
+    assert _sft("--data", data, "--out", tmp_path / "strict", "--steps", 1, "--strict") == 1
+    err = capsys.readouterr().err
+    assert "dsv2 sft: error:" in err and "not JSON: line 4" in err and "unknown role" in err and "line 5" in err
+    assert _sft("--data", data, "--out", tmp_path / "lenient", "--steps", 1) == 0
+    assert "2 bad lines (not JSON: line 4; unknown role" in capsys.readouterr().err
+    assert _sft("--data", data, "--out", tmp_path / "short", "--steps", 1, "--seq-len", 8) == 1
+    assert "no usable conversation" in capsys.readouterr().err
+    assert cli(["train", "--resume", "--out", str(tmp_path / "lenient")]) == 1
+    assert "`dsv2 sft --resume`" in capsys.readouterr().err
+    assert cli(["export", str(tmp_path / "lenient"), str(tmp_path / "x"), "--adapter-only"]) == 1
+    assert "not from a LoRA run" in capsys.readouterr().err

@@ -31,6 +31,24 @@ def _corpus_args(p) -> None:
                    help="skip matching files, e.g. 'site-packages/*' or '*/test/*' (repeatable)")
 
 
+def optimizer_args(g, lr: str, warmup: int, schedule: str, weight_decay: float) -> None:
+    """The schedule and AdamW options `dsv2 train` and `dsv2 sft` share (their defaults differ)."""
+    g.add_argument("--lr", type=float, help=lr)
+    g.add_argument("--warmup-steps", type=int, help=f"linear warm-up from 0 (default {warmup})")
+    g.add_argument("--schedule", choices=("step", "cosine", "constant"),
+                   help="after warm-up: step = x decay-factor at each decay point (the paper), cosine to "
+                        f"lr x min-lr-ratio, or constant (default {schedule})")
+    g.add_argument("--decay-points", type=lambda s: tuple(float(v) for v in s.split(",")),
+                   help="fractions of training where step decay applies (default 0.6,0.9; V2-Lite: 0.8,0.9)")
+    g.add_argument("--decay-factor", type=float, help="step decay multiplier (default 0.316)")
+    g.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (default 0.1)")
+    g.add_argument("--weight-decay", type=float,
+                   help=f"AdamW weight decay on projection matrices (default {weight_decay:g})")
+    g.add_argument("--beta1", type=float, help="AdamW beta1 (default 0.9)")
+    g.add_argument("--beta2", type=float, help="AdamW beta2 (default 0.95)")
+    g.add_argument("--grad-clip", type=float, help="global gradient-norm clip (default 1.0)")
+
+
 def register(sub) -> None:
     # ---- dsv2 tokenizer train ---------------------------------------------------------------------------
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer").add_subparsers(
@@ -105,20 +123,8 @@ def register(sub) -> None:
                                                   "batch without the memory")
     g.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
     g = r.add_argument_group("optimizer and schedule")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; the paper's 2.4e-4 is for 236B "
-                                            "parameters -- small models take 1e-3 to 3e-3)")
-    g.add_argument("--warmup-steps", type=int, help="linear warm-up from 0 (default 100)")
-    g.add_argument("--schedule", choices=("step", "cosine", "constant"),
-                   help="after warm-up: step = x decay-factor at each decay point (the paper), cosine to "
-                        "lr x min-lr-ratio, or constant (default step)")
-    g.add_argument("--decay-points", type=lambda s: tuple(float(v) for v in s.split(",")),
-                   help="fractions of training where step decay applies (default 0.6,0.9; V2-Lite: 0.8,0.9)")
-    g.add_argument("--decay-factor", type=float, help="step decay multiplier (default 0.316)")
-    g.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (default 0.1)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay on projection matrices (default 0.1)")
-    g.add_argument("--beta1", type=float, help="AdamW beta1 (default 0.9)")
-    g.add_argument("--beta2", type=float, help="AdamW beta2 (default 0.95)")
-    g.add_argument("--grad-clip", type=float, help="global gradient-norm clip (default 1.0)")
+    optimizer_args(g, lr="peak learning rate (default 1e-3; the paper's 2.4e-4 is for 236B parameters -- small "
+                         "models take 1e-3 to 3e-3)", warmup=100, schedule="step", weight_decay=0.1)
     g.add_argument("--decay-embeddings", action="store_const", const=True,
                    help="also decay the token embeddings (off: rare tokens' rows would shrink between updates)")
     g.add_argument("--decay-router", action="store_const", const=True,
@@ -166,14 +172,19 @@ def register(sub) -> None:
 
     # ---- dsv2 export / evaluate / plot -------------------------------------------------------------------
     e = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face model directory",
-                       description="Write a training checkpoint as a Hugging Face DeepSeek-V2 directory "
-                                   "(config.json, model.safetensors, tokenizer, generation_config.json) that "
-                                   "dsv2 and transformers both load.")
+                       description="Write a training checkpoint (dsv2 train, sft or grpo) as a Hugging Face "
+                                   "DeepSeek-V2 directory (config.json, model.safetensors, tokenizer, "
+                                   "generation_config.json) that dsv2 and transformers both load. A LoRA run's "
+                                   "adapters are merged into its base model's weights, or with --adapter-only "
+                                   "written in PEFT's adapter layout (adapter_config.json + "
+                                   "adapter_model.safetensors) for PeftModel.from_pretrained.")
     e.add_argument("run_dir", metavar="RUN_DIR")
     e.add_argument("out_dir", metavar="OUT_DIR")
     e.add_argument("--step", type=int, default=None, help="which checkpoint (default: the newest)")
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="weight dtype on disk (default float32, as trained; bfloat16 halves the size)")
+    e.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA run: write only the adapters, in PEFT's layout (default: merged into the weights)")
     e.set_defaults(func=run_export)
 
     v = sub.add_parser("evaluate", help="held-out loss and bits per byte of a model on prepared data",
@@ -288,9 +299,10 @@ def run_train(args) -> int:
 def run_export(args) -> int:
     import torch
     from ..train.export import export
-    info = export(args.run_dir, args.out_dir, step=args.step, dtype=getattr(torch, args.dtype))
-    print(f"step {info['step']} -> {info['out_dir']} ({info['params'] / 1e6:.2f}M parameters, {info['dtype']}, "
-          f"{info['bytes'] / 1e6:.1f} MB)")
+    info = export(args.run_dir, args.out_dir, step=args.step, dtype=getattr(torch, args.dtype),
+                  adapter_only=args.adapter_only)
+    print(f"step {info['step']} -> {info['out_dir']} ({info['params'] / 1e6:.2f}M "
+          f"{'adapter ' if info.get('adapter') else ''}parameters, {info['dtype']}, {info['bytes'] / 1e6:.1f} MB)")
     return 0
 
 

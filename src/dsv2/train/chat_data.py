@@ -78,13 +78,13 @@ class ChatData:
         return sum(len(v) for v in self.problems.values())
 
     def report(self, limit: int = 5) -> str:
-        """'3 bad lines skipped: not JSON: lines 4, 9; longer than --seq-len 512: line 12 (731 tokens)'."""
+        """'chats.jsonl: 3 bad lines (not JSON: lines 4, 9; longer than --seq-len 512: line 12 (731 tokens))'."""
         parts = []
         for reason, where in self.problems.items():
             shown = ", ".join(f"{n}" + (f" ({d})" if d else "") for n, d in where[:limit])
             more = f" and {len(where) - limit} more" if len(where) > limit else ""
             parts.append(f"{reason}: line{'s' if len(where) > 1 else ''} {shown}{more}")
-        return f"{self.path}: {self.skipped} bad line{'s' if self.skipped != 1 else ''} " + "; ".join(parts)
+        return f"{self.path}: {self.skipped} bad line{'s' if self.skipped != 1 else ''} ({'; '.join(parts)})"
 
 
 class BadLine(ValueError):

@@ -107,7 +107,42 @@ def _init_run_dir(tc: TrainConfig, cfg: ModelConfig, run_dir: str, manifest: dic
             shutil.copyfile(os.path.join(src, name), os.path.join(run_dir, "tokenizer", name))
 
 
-class _Interval:
+def catch_stop_signals() -> tuple[list[int], dict]:
+    """SIGINT / SIGTERM append to the returned list instead of stopping the process, so the loop finishes its step,
+    saves and exits; restore_signals(handlers) puts the previous handlers back. Only the main thread can."""
+    stop: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+    return stop, handlers
+
+
+def restore_signals(handlers: dict) -> None:
+    for sig, h in handlers.items():
+        signal.signal(sig, h)
+
+
+def diverged(e: FloatingPointError, run_dir: str, lr: float, command: str) -> FloatingPointError:
+    """The error for a non-finite loss: resuming from the newest checkpoint would diverge again exactly, so it says
+    which checkpoint to go back to and with what `command` (dsv2 train, dsv2 sft)."""
+    saved = [s for s, _ in list_checkpoints(run_dir)]
+    lower = f"--lr {lr / 2:g}"
+    if saved:
+        back = saved[-2] if len(saved) > 1 else saved[-1]
+        how = (f"Go back to a checkpoint from before the loss rose (metrics.jsonl or `dsv2 plot` shows when) "
+               f"and continue with a lower learning rate, e.g.\n"
+               f"    {command} --resume --out {run_dir} --resume-step {back} {lower}\n"
+               f"(checkpoints at steps {', '.join(map(str, saved))}; what was recorded after the step you "
+               f"choose is moved to {os.path.join(run_dir, 'superseded')}).")
+    else:
+        how = (f"No checkpoint was written yet: start again with a lower learning rate,\n"
+               f"    {command} --resume --out {run_dir} {lower}")
+    return FloatingPointError(f"{e}: training diverged, and resuming as it is would repeat this exactly. {how}\n"
+                              "A longer --warmup-steps also helps when it happens early.")
+
+
+class Interval:
     """Running sums over one logging interval; saved in checkpoints so a resumed interval averages the same."""
     KEYS = ("loss", "ce", "expert", "device", "comm", "grad_norm", "steps", "seconds", "tokens")
     EP_KEYS = ("a2a_bytes", "crossed")  # expert-parallel runs only
@@ -192,7 +227,7 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
     batches = TrainBatches(TokenShards(tc.data, "train"), tc.seq_len, tc.seed)
     val = TokenShards(tc.data, "validation")
     val = val if val.tokens > tc.seq_len else None
-    step, elapsed, wall, interval = 0, 0.0, 0.0, _Interval()  # elapsed: training steps only; wall: everything
+    step, elapsed, wall, interval = 0, 0.0, 0.0, Interval()  # elapsed: training steps only; wall: everything
     if state is not None:
         state, path = state
         if "model" not in state:  # a step-N/ directory: DCP reads the shards each rank needs
@@ -225,11 +260,7 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
               + (f"; routed experts split over groups of {ep.size} ranks ({cfg.n_routed_experts // ep.size} per rank, "
                  f"a token reaches at most {ep.reach})" if ep is not None else ""), file=sys.stderr)
 
-    stop: list[int] = []
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, save, exit
-            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+    stop, handlers = catch_stop_signals()
 
     def checkpoint() -> None:
         run = {"format": "dsv2-train-checkpoint", "version": 1, "step": step, "elapsed_s": elapsed, "wall_s": wall}
@@ -265,7 +296,7 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
             s["steps"] += 1
             s["seconds"] += dt
             s["tokens"] += tc.tokens_per_step
-            for k in _Interval.EP_KEYS:
+            for k in Interval.EP_KEYS:
                 if k in out:
                     s[k] = s.get(k, 0.0) + out[k]
             if step % tc.log_every == 0 or step == tc.steps:
@@ -276,7 +307,7 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
                 bar.update(int(s["steps"]) * tc.tokens_per_step,
                            postfix=f"step {step}/{tc.steps} loss {rec['loss']:.3f} lr {lr:.2e}"
                                    + (f" val {last_val:.3f}" if last_val is not None else ""))
-                interval = _Interval()
+                interval = Interval()
             if val is not None and (step % tc.eval_every == 0 or step == tc.steps):
                 ev = evaluate(model, val, tc.seq_len, eval_batch, limit=tc.eval_batches * tc.batch_size,
                               bf16=tc.bf16, world=world)
@@ -289,24 +320,10 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
             if step % tc.save_every == 0 or step == tc.steps or stopping:
                 checkpoint()
     except FloatingPointError as e:  # an exact resume from the newest checkpoint would diverge again, just as here
-        saved = [s for s, _ in list_checkpoints(run_dir)]
-        lower = f"--lr {tc.lr / 2:g}"
-        if saved:
-            back = saved[-2] if len(saved) > 1 else saved[-1]
-            how = (f"Go back to a checkpoint from before the loss rose (metrics.jsonl or `dsv2 plot` shows when) "
-                   f"and continue with a lower learning rate, e.g.\n"
-                   f"    dsv2 train --resume --out {run_dir} --resume-step {back} {lower}\n"
-                   f"(checkpoints at steps {', '.join(map(str, saved))}; what was recorded after the step you "
-                   f"choose is moved to {os.path.join(run_dir, 'superseded')}).")
-        else:
-            how = (f"No checkpoint was written yet: start again with a lower learning rate,\n"
-                   f"    dsv2 train --resume --out {run_dir} {lower}")
-        raise FloatingPointError(f"{e}: training diverged, and resuming as it is would repeat this exactly. {how}\n"
-                                 "A longer --warmup-steps also helps when it happens early.") from None
+        raise diverged(e, run_dir, tc.lr, "dsv2 train") from None
     finally:
         bar.close()
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+        restore_signals(handlers)
     if stopping:
         if main:
             print(f"stopped at step {step}; continue with `dsv2 train --resume --out {run_dir}`"
