@@ -60,8 +60,8 @@ def paged_case(lens, heads, rank, rope, dtype, fp8: bool, block_size=16, seed=0,
     latent = torch.randn(num_blocks * block_size, rank + rope, generator=g) * 2
     fmt = Fp8Latent(rank, rope) if fp8 else None
     cache = (fmt.quantize(latent) if fp8 else latent.to(dtype)).view(num_blocks, block_size, -1)
-    return (q.to(device), cache.to(device), tables.int().to(device), torch.tensor(lens, dtype=torch.int32, device=device),
-            fmt)
+    lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return q.to(device), cache.to(device), tables.int().to(device), lens, fmt
 
 
 def reference(mla: MLA, q, cache, tables, lens, fmt):

@@ -69,9 +69,9 @@ def mla_decode(q_abs: torch.Tensor, cache: torch.Tensor, block_tables: torch.Ten
     """Latent attention of one query per sequence over its paged context -> o_lat [B, n, R] in q_abs's dtype.
 
     q_abs [B, n, R + Dr] (MLA.absorb_query), cache [NB, BS, R + Dr] bf16/fp16/fp32, or [NB, BS, W] uint8 in the
-    layout of `fp8` (an mla.Fp8Latent); block_tables [B, W] int (entries past a context are never read),
-    context_lens [B] int, each at most W * BS (not checked: that would sync; a 0 gives a zero output); rank R. num_splits: context slices per sequence (default: from
-    the shapes, see default_splits)."""
+    layout of `fp8` (an mla.Fp8Latent); block_tables [B, W] int (entries past a context are never read);
+    context_lens [B] int, each at most W * BS (not checked: that would sync; a 0 gives a zero output); rank R.
+    num_splits: context slices per sequence (default: from the shapes, see default_splits)."""
     B, n, width = q_abs.shape
     R, Dr = rank, width - rank
     BS = cache.shape[1]
