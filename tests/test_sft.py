@@ -206,7 +206,7 @@ def test_sft_resumes_exactly(tmp_path, lora):
         [(r["loss"], r["grad_norm"], r["tokens"]) for r in first]
     import torch as _t
     state = _t.load(f"{run}/checkpoints/step-00000006.pt", weights_only=True)
-    assert ("lora" in state) == lora
+    assert ("lora_config" in state) == lora
     if lora:  # only what trains is saved
         assert all(".lora_" in k for k in state["model"])
 
@@ -269,4 +269,4 @@ def test_sft_reports_bad_lines_and_refuses_with_strict(tmp_path, capsys):
     assert cli(["train", "--resume", "--out", str(tmp_path / "lenient")]) == 1
     assert "`dsv2 sft --resume`" in capsys.readouterr().err
     assert cli(["export", str(tmp_path / "lenient"), str(tmp_path / "x"), "--adapter-only"]) == 1
-    assert "not from a LoRA run" in capsys.readouterr().err
+    assert "not from a LoRA `dsv2 sft` run" in capsys.readouterr().err

@@ -41,10 +41,11 @@ def export(run_dir: str, out_dir: str, step: int | None = None, dtype: torch.dty
         raise FileNotFoundError(f"{run_dir} has no checkpoint yet; train first (checkpoints are written every "
                                 "--save-every steps and at the end)")
     state, path = loaded
-    if adapter_only and "lora" not in state:
-        raise ValueError(f"--adapter-only: {path} is not from a LoRA run (it holds every weight); export it without "
-                         "--adapter-only")
-    if "lora" in state:
+    lora = "lora_config" in state  # a LoRA SFT run's checkpoint: the adapters, not the weights
+    if adapter_only and not lora:
+        raise ValueError(f"--adapter-only: {path} is not from a LoRA `dsv2 sft` run (it holds the whole model); "
+                         "export it without --adapter-only")
+    if lora:
         from .lora import merge_lora, save_adapter
         from .sft import SftConfig, load_lora_run_model
         model = load_lora_run_model(run_dir, state)

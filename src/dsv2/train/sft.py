@@ -135,7 +135,7 @@ def load_lora_run_model(run_dir: str, state: dict, device="cpu"):
     """A LoRA run's base model with its checkpoint's adapters (and routers, if they trained) applied."""
     cfg = SftConfig.load(run_dir)
     model = load_model(base_model_dir(cfg), device=device)
-    apply_lora(model, LoraConfig(**state["lora"]))
+    apply_lora(model, LoraConfig(**state["lora_config"]))
     load_trainable_state_dict(model, state["model"])
     return model
 
@@ -259,7 +259,7 @@ def sft(cfg: SftConfig, run_dir: str, resume: bool = False, progress: bool = Tru
         save_checkpoint(run_dir, step, {
             "format": "dsv2-sft-checkpoint", "version": 1, "step": step, "elapsed_s": elapsed, "wall_s": wall,
             "tokens": tokens, "model": weights, "optimizer": opt.state_dict(), "rng": rng_state(),
-            **({"lora": cfg.lora_config().to_dict()} if cfg.lora else {}),
+            **({"lora_config": cfg.lora_config().to_dict()} if cfg.lora else {}),
             "interval": {"sums": interval.sums, "stats": interval.stats.state_dict()}}, cfg.keep_checkpoints)
 
     bar = Progress(cfg.steps - step, "sft", unit="step", enabled=progress)
