@@ -60,9 +60,11 @@ class LLM:
     cache (kv_cache_memory is per rank; the CPU default is shared by the ranks of the host). Under torchrun with
     WORLD_SIZE = N (several hosts), every rank runs the same program: on ranks other than 0, LLM() serves rank 0
     and then exits the process instead of returning.
+    enforce_eager: on CUDA, decode-only steps replay CUDA graphs captured per batch-size bucket (at a bucket's
+    first use) unless True; CPU and tensor-parallel runs are always eager.
     vLLM arguments accepted for compatibility: trust_remote_code (ignored: dsv2 never runs code from a model
-    directory), enforce_eager (dsv2 always runs eagerly), gpu_memory_utilization (a fraction of free GPU memory for
-    the cache), swap_space, tokenizer (a directory), seed.
+    directory), gpu_memory_utilization (a fraction of free GPU memory for the cache), swap_space, tokenizer (a
+    directory), seed.
     cpu_weight_packing: reorder bf16 weights into oneDNN's blocked layout (default: wherever oneDNN's bf16 path
     works on this CPU; ~1.7x faster matrix-vector products, results equal to bf16 rounding).
     kv_cache_dtype: "auto" (default) keeps latents in the plan's cache dtype (bf16; fp32 for fp32 models); "fp8"
@@ -102,6 +104,7 @@ class LLM:
         directory = resolve_model_path(path)
         self.workers = start_workers(tensor_parallel_size, directory, device)  # None: this process alone
         self.tensor_parallel_size = tensor_parallel_size
+        self.enforce_eager = enforce_eager or device.type != "cuda" or self.workers is not None
         try:
             if self.workers is None:
                 self.plan = plan
@@ -138,6 +141,7 @@ class LLM:
         weight = model.model.embed_tokens.weight
         self = cls.__new__(cls)
         self.workers, self.tensor_parallel_size = None, 1
+        self.enforce_eager = True  # the weights change between calls: nothing captured over them
         self.plan = InferencePlan(str(weight.device), weight.dtype, weight.dtype, weight.dtype, "plain", None, False)
         self.model, self.tokenizer = model, tokenizer
         self.generation_defaults = dict(generation_defaults or {})
@@ -180,7 +184,8 @@ class LLM:
         self.kv_cache_bytes = layout.bytes  # per rank: each rank of a tensor-parallel group holds a copy
         self.kv_cache_bytes_per_token = layout.bytes_per_token  # all layers, as stored
         self.runner = ModelRunner(self.model, layout.num_blocks, layout.block_size, self.plan.cache_dtype,
-                                  engine.kv_cache_dtype)
+                                  engine.kv_cache_dtype, enforce_eager=self.enforce_eager,
+                                  max_model_len=layout.max_model_len, max_num_seqs=engine.max_num_seqs)
         self._new_scheduler()
         eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

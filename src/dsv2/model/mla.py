@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels import mla_decode, paged_slots, triton_unavailable_reason
 from .layers import RMSNorm
 from .rope import apply_rope
 
@@ -136,6 +137,10 @@ class PagedAttention:
     num_decode: int
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     fp8: Fp8Latent | None = None  # the caches hold latents in this FP8 layout; None: as they are
+    # The decode sequences' contexts as tensors (the runner sets them on CUDA, instead of decode_groups): no host
+    # values, so a CUDA graph can hold the step; attended by the Triton kernel, or a static-shape gather without it
+    block_tables: torch.Tensor | None = None  # [num_decode, W] int32 blocks of each context
+    context_lens: torch.Tensor | None = None  # [num_decode] int32
 
     def token_context_lengths(self, device=None) -> torch.Tensor:
         """[N]: the context length of the sequence each flat token belongs to (cached prefix + this step)."""
@@ -315,7 +320,9 @@ class MLA(nn.Module):
         D = attn.num_decode
         if D:
             q_abs = self.absorb_query(q_nope[:D], q_pe[:D])  # [D, n, R + Dr]
-            if len(attn.decode_groups) == 1:  # the common case: no gather/scatter of rows
+            if attn.block_tables is not None:
+                o_lat = self._attend_tables(q_abs, cache, gather, attn)
+            elif len(attn.decode_groups) == 1:  # the common case: no gather/scatter of rows
                 g = attn.decode_groups[0]
                 ctx = gather(g.slots).view(D, g.length, -1)  # [D, Lb, R + Dr]
                 o_lat = self.attend_latent(q_abs, ctx, g.pad)
@@ -340,3 +347,12 @@ class MLA(nn.Module):
             out[a:b] = self.attend_decompressed(q_nope[None, a:b], q_pe[None, a:b], ctx_c[None], ctx_pe[None],
                                                 q_offset=L - (b - a))[0]
         return out
+
+    def _attend_tables(self, q_abs, cache, gather, attn: PagedAttention) -> torch.Tensor:
+        """Decode over block tables: the Triton kernel reads each context once (dsv2/kernels/triton_mla.py); its
+        twin, and the path without Triton, gathers every slot a table row can name and masks (static shapes)."""
+        if triton_unavailable_reason(q_abs.device) is None:
+            return mla_decode(q_abs, cache, attn.block_tables, attn.context_lens, self.rank, self.softmax_scale,
+                              attn.fp8)
+        slots, pad = paged_slots(attn.block_tables, attn.context_lens, cache.shape[1])
+        return self.attend_latent(q_abs, gather(slots).view(*pad.shape, -1), pad)  # [D, n, R]

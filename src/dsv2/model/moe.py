@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels import grouped_experts
 from .layers import MLP
 
 
@@ -132,6 +133,12 @@ class Experts(ExpertGroup):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        if x.is_cuda and keep is None and not torch.is_grad_enabled():  # inference on CUDA: one grouped GEMM per
+            return grouped_experts(x, self.gate_up_proj, self.down_proj, weights, idx)  # projection, no host sync
+        return super().forward(x, weights, idx, keep)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The slow twin: every expert, every token, masks only. Tests compare forward() against it."""
