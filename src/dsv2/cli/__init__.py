@@ -6,6 +6,8 @@
     dsv2 bench --model PATH ...      prefill / decode throughput
     dsv2 serve [--model PATH]        OpenAI-compatible HTTP server
     dsv2 tokenizer train / data prepare / train / export / evaluate / plot   pretraining
+    dsv2 sft / grpo                  alignment: supervised fine-tuning (+ LoRA), GRPO
+    dsv2 quantize IN OUT             write an int8 / int4 checkpoint that loads without re-quantizing
     dsv2 --help / dsv2 COMMAND --help
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import info, run, serve, train
+from . import grpo, info, quantize, run, serve, sft, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `dsv2 COMMAND --help` for the options of one command.")
     parser.add_argument("--version", action="version", version=f"dsv2 {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (info, run, serve, train):
+    for module in (info, run, serve, train, sft, grpo, quantize):
         module.register(sub)
     return parser
 
