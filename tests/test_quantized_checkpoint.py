@@ -288,3 +288,33 @@ def test_quantize_streams(half_gb, quantization, tmp_path):
     top = 2 * V * H * 2 + V * H
     assert m["peak_anon_bytes"] <= top + (192 << 20) < (75 << 20) + written_bytes, m
     assert written_bytes < 0.35 * stored
+
+
+# ---- int4 quantization: the fast path and its slow twin ------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [None, 3 * 128 + 64])  # the default; a block of 3.5 rows (a short last block)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_quantize_groups_equals_its_slow_twin(monkeypatch, chunk, group_size):
+    import dsv2.model.int4 as int4
+    if chunk is not None:
+        monkeypatch.setattr(int4, "_GROUP_CHUNK", chunk)
+    g = torch.Generator().manual_seed(group_size)
+    w = torch.randn(203, 256, generator=g) * torch.logspace(-4, 2, 203)[:, None]  # rows of very different ranges
+    w[3, :group_size] = 0.25  # a constant group: the scale's floor
+    w[4] = 0
+    w[5, 7] = 3e4  # one outlier in a group
+    for x in (w, w.bfloat16(), w.T.contiguous().T, w.bfloat16().T.contiguous().T):  # fp32 / bf16, strided
+        q, sz = int4.quantize_groups(x, group_size)
+        rq, rsz = int4.quantize_groups_reference(x, group_size)
+        assert q.dtype == rq.dtype == torch.uint8 and sz.dtype == rsz.dtype == torch.bfloat16
+        assert torch.equal(q, rq) and torch.equal(sz, rsz)
+    assert int4.quantize_groups(torch.empty(64, 128, device="meta"), 64)[0].is_meta
+
+
+@pytest.mark.parametrize("shape", [(203, 256), (3, 5, 64), (7, 2)])
+def test_pack_nibbles_equals_its_slow_twin(monkeypatch, shape):
+    import dsv2.model.int4 as int4
+    monkeypatch.setattr(int4, "_GROUP_CHUNK", 1000)  # blocks of rows, a short last one
+    q = torch.randint(0, 16, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    p = int4.pack_nibbles(q)
+    assert p.shape == (*shape[:-1], shape[-1] // 2) and torch.equal(p, int4.pack_nibbles_reference(q))
+    assert torch.equal(int4.unpack_nibbles(p), q)
