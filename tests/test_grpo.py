@@ -14,8 +14,9 @@ from dsv2.engine.llm import LLM
 from dsv2.engine.sampling_params import SamplingParams
 from dsv2.model import build_model
 from dsv2.model.moe import RoutingReplay
-from dsv2.train.grpo import (GRPOConfig, Prompt, Sequences, completion_logprobs, generate_rollout,
-                             group_advantages, grpo_token_loss, load_prompts, prompt_order, token_weights)
+from dsv2.train.grpo import (Sequences, completion_logprobs, generate_rollout, group_advantages, grpo_token_loss,
+                             token_weights)
+from dsv2.train.grpo_config import GRPOConfig, Prompt, load_prompts, prompt_order
 
 CFG = ModelConfig.from_dict({**TINY, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2})
 
@@ -126,7 +127,7 @@ def test_engine_from_model_follows_optimizer_steps():
 
 
 def test_engine_samples_through_lora_adapters():
-    from dsv2.train.grpo import GRPO_LORA_TARGETS
+    from dsv2.train.grpo_config import GRPO_LORA_TARGETS
     from dsv2.train.lora import LoraConfig, apply_lora, lora_parameters
     model = tiny_model(8)
     torch.manual_seed(0)
@@ -276,6 +277,23 @@ def test_cli_run_resume_exact_and_export(tmp_path, llm_dir):
     assert torch.equal(exported.state_dict()["lm_head.weight"], state["lm_head.weight"])
     start = load_model(llm_dir)
     assert not torch.equal(exported.lm_head.weight, start.lm_head.weight)  # it trained
+    assert cli(["grpo", "--plot", full]) == 0 and os.path.getsize(os.path.join(full, "plots", "reward.png")) > 0
+
+
+def test_evaluate_scores_greedy_completions(tmp_path, llm_dir):
+    from dsv2.train.grpo_eval import evaluate_rewards
+    from dsv2.train.rewards import exact_match
+    prompts = _prompts(tmp_path / "p.jsonl", n=4)
+    llm = LLM(llm_dir, dtype="float32")
+    texts = [o.text for o in llm.generate([f"x = {i} + 1\nassert x == " for i in range(4)],
+                                          SamplingParams(temperature=0, max_tokens=3))]
+    with open(prompts, "w") as f:  # make two of the four right: the greedy text is their answer
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"prompt": f"x = {i} + 1\nassert x == ", "answer": t if i < 2 else "nope"}) + "\n")
+    out = evaluate_rewards(llm_dir, prompts, "exact_match", max_tokens=3)
+    assert out["prompts"] == 4 and out["reward_mean"] == 0.5 and out["solved"] == 0.5
+    assert [e["reward"] for e in out["examples"]] == [exact_match("", t, answer=a) for t, a in
+                                                      zip(texts, texts[:2] + ["nope"] * 2)]
 
 
 def test_cli_errors(tmp_path, llm_dir, capsys):

@@ -20,7 +20,7 @@ _FIELDS = ("prompts", "reward", "model", "steps", "batch_size", "group_size", "m
 
 
 def register(sub) -> None:
-    from ..train.grpo import NORMALIZATIONS
+    from ..train.grpo_config import NORMALIZATIONS
     p = sub.add_parser(
         "grpo", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="reinforcement learning with GRPO: sample groups, reward them, push up the better half",
@@ -119,7 +119,9 @@ def register(sub) -> None:
 
 
 def run_grpo(args) -> int:
-    from ..train.grpo import GRPOConfig, evaluate_rewards, grpo, plot_grpo
+    from ..train.grpo import grpo
+    from ..train.grpo_config import GRPOConfig
+    from ..train.grpo_eval import evaluate_rewards, plot_grpo
     if args.plot:
         for path in plot_grpo(args.plot):
             print(path)

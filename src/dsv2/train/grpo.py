@@ -21,15 +21,14 @@ After every update the engine's prefix cache is dropped (llm.refresh()): nothing
 Everything a step depends on is a function of (seed, step) or saved in the checkpoint (weights, AdamW moments,
 RNG states), so a run killed and resumed logs bit-identical records on CPU. The run directory has the shape of
 `dsv2 train`'s (train/checkpointing.py), so `dsv2 export RUN OUT` writes the policy as a Hugging Face model.
+Settings and prompts: train/grpo_config.py; rewards: train/rewards.py; before/after evaluation and the reward
+chart: train/grpo_eval.py.
 
 Shape legend: N prompts per step, G samples per prompt, S sequences in a micro-batch, T padded length,
 M completion tokens of a micro-batch (flat), V vocab.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -39,192 +38,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..checkpoint import load_model, resolve_model_path
 from ..config import ModelConfig
 from ..engine.llm import LLM
 from ..engine.sampling_params import SamplingParams
-from ..fileio import atomic_write
-from ..model import build_model
 from ..model.moe import RoutingReplay
 from ..progress import Progress
 from ..tokenizer import Tokenizer
 from .checkpointing import (append_metrics, list_checkpoints, load_latest, read_metrics, rng_state,
                             save_checkpoint, set_aside_after, set_rng_state)
+from .grpo_config import GRPO_CONFIG, NORMALIZATIONS, GRPOConfig, Prompt, load_prompts, prompt_order, rollout_seed
+from .lora import LoraExperts, LoraLinear, apply_lora, load_trainable_state_dict, trainable_state_dict
 from .loop import TOKENIZER_FILES
 from .optim import build_optimizer, lr_at
-from .lora import DEFAULT_TARGETS, LoraConfig, LoraExperts, LoraLinear, apply_lora, load_trainable_state_dict, \
-    trainable_state_dict
 from .rewards import load_reward, python_asserts, required_fields, score
 
-GRPO_CONFIG = "grpo_config.json"
-# LoRA targets: LoRA's defaults but kv_b_proj, whose weight the engine's absorbed decode reads directly
-GRPO_LORA_TARGETS = tuple(t for t in DEFAULT_TARGETS if t != "kv_b_proj")
 ADVANTAGE_EPS = 1e-4  # (r - mean) / (std + eps): a group whose rewards barely differ gets no huge advantages
-
-NORMALIZATIONS = {
-    "grpo": "DeepSeekMath: each completion's token losses averaged over its own length, then averaged over the "
-            "completions (long completions weigh as much as short ones, so each of their tokens weighs less)",
-    "dr_grpo": "Dr. GRPO (Liu et al. 2025): token losses summed and divided by a constant, completions x "
-               "--max-tokens, and advantages not divided by the group's std -- removes the length and difficulty "
-               "biases of the two divisions",
-    "dapo": "DAPO (Yu et al. 2025): one mean over every completion token of the step, so each token weighs the "
-            "same whatever the length of its completion",
-}
-
-
-# ---- settings ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GRPOConfig:
-    prompts: str  # JSONL: {"prompt": str} or {"messages": [...]}, plus the fields the reward reads
-    reward: str  # a built-in, FILE.py:FUNCTION or module:function (train/rewards.py)
-    model: str  # the starting policy and the frozen reference: a Hugging Face directory
-    steps: int = 100  # rollouts
-    batch_size: int = 8  # prompts per step
-    group_size: int = 8  # samples per prompt (G)
-    max_tokens: int = 256  # new tokens per sample
-    temperature: float = 1.0
-    stop: tuple[str, ...] = ()
-    lr: float = 1e-6
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    beta: float = 0.04  # KL coefficient (DeepSeekMath); 0 drops the reference model
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # upper clip (DAPO's clip-higher: 0.28); None = epsilon
-    loss_normalization: str = "grpo"
-    updates_per_rollout: int = 1  # DeepSeekMath's mu (TRL's num_iterations)
-    replay_routing: bool = False
-    skip_zero_spread: bool = False  # leave out groups whose samples all scored the same (their advantages are 0)
-    micro_batch: int | None = None  # sequences per forward/backward; None = the whole step
-    lora_rank: int | None = None  # train LoRA adapters (train/lora.py) instead of every weight
-    lora_alpha: float | None = None  # None: 2 x rank
-    lora_targets: tuple[str, ...] | None = None  # None: GRPO_LORA_TARGETS
-    bf16: bool = False
-    grad_checkpointing: bool = False
-    save_every: int = 50
-    keep_checkpoints: int = 3
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-
-    def __post_init__(self):
-        def need(cond: bool, name: str, why: str):
-            if not cond:
-                raise ValueError(f"GRPO setting {name} = {getattr(self, name)!r}: {why}")
-
-        for name in ("steps", "batch_size", "max_tokens", "updates_per_rollout", "save_every", "keep_checkpoints"):
-            need(getattr(self, name) >= 1, name, "must be >= 1")
-        need(self.group_size >= 2, "group_size", "must be >= 2: advantages compare the samples of a group")
-        need(self.temperature > 0, "temperature", "must be > 0: greedy samples of a group are all the same")
-        need(self.lr > 0, "lr", "must be positive")
-        need(self.beta >= 0, "beta", "must be >= 0")
-        need(0 < self.epsilon < 1, "epsilon", "must be in (0, 1)")
-        need(self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "must be positive")
-        need(self.loss_normalization in NORMALIZATIONS, "loss_normalization", f"choose one of {list(NORMALIZATIONS)}")
-        need(self.micro_batch is None or self.micro_batch >= 1, "micro_batch", "must be >= 1")
-        need(self.grad_clip > 0, "grad_clip", "must be positive")
-        need(self.lora_rank is None or self.lora_rank >= 1, "lora_rank", "must be >= 1")
-        need(self.lora_targets is None or "kv_b_proj" not in self.lora_targets, "lora_targets",
-             "kv_b_proj cannot be adapted in GRPO: the engine's absorbed decode multiplies by its weight directly "
-             "(W_UK, W_UV^T), which would leave the adapter out of the samples")
-
-    @property
-    def lora(self) -> LoraConfig | None:
-        if self.lora_rank is None:
-            return None
-        return LoraConfig(self.lora_rank, self.lora_alpha or 2.0 * self.lora_rank,
-                          self.lora_targets or GRPO_LORA_TARGETS)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GRPOConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown GRPO settings {unknown}")
-        targets = d.get("lora_targets")
-        return cls(**{**d, "stop": tuple(d.get("stop", ())), "lora_targets": targets and tuple(targets)})
-
-    def save(self, run_dir: str) -> None:
-        with atomic_write(os.path.join(run_dir, GRPO_CONFIG)) as f:
-            json.dump(self.to_dict(), f, indent=2)
-
-    @classmethod
-    def load(cls, run_dir: str) -> GRPOConfig:
-        path = os.path.join(run_dir, GRPO_CONFIG)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{run_dir} is not a GRPO run directory (no {GRPO_CONFIG})")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
-
-    def replace(self, **changes) -> GRPOConfig:
-        return dataclasses.replace(self, **changes)
-
-
-# ---- prompts -------------------------------------------------------------------------------------------------
-@dataclass
-class Prompt:
-    prompt: str | list  # the line's "prompt" string or "messages" list, as the reward receives it
-    token_ids: list[int]
-    fields: dict  # the line's other fields: the reward's keyword arguments
-
-
-def load_prompts(path: str, tokenizer: Tokenizer, needs: tuple[str, ...] = ()) -> list[Prompt]:
-    """Read a prompts JSONL file: each line {"prompt": "..."} (raw completion, tokenized with bos) or
-    {"messages": [...]} (rendered with the tokenizer's chat template, ending "Assistant:"), plus fields. Every bad
-    line is reported, with its number; `needs` are fields every line must have (what a built-in reward reads)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--prompts {path}: no such file")
-    prompts, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                if not isinstance(d, dict):
-                    raise ValueError("not a JSON object")
-                if ("prompt" in d) == ("messages" in d):
-                    raise ValueError('needs exactly one of "prompt" (a string) or "messages" (a chat)')
-                missing = [k for k in needs if k not in d]
-                if missing:
-                    raise ValueError(f"has no {', '.join(repr(k) for k in missing)} field, which the reward reads")
-                if "prompt" in d:
-                    if not isinstance(d["prompt"], str) or not d["prompt"]:
-                        raise ValueError('"prompt" must be a non-empty string')
-                    prompt = d.pop("prompt")
-                    ids = tokenizer.encode(prompt)
-                else:
-                    prompt = d.pop("messages")
-                    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-                bad.append(f"line {n}: {e}")
-                continue
-            prompts.append(Prompt(prompt, ids, d))
-    if bad:
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise ValueError(f"--prompts {path}: {len(bad)} bad line(s){more}:\n  " + "\n  ".join(bad[:5]))
-    if not prompts:
-        raise ValueError(f"--prompts {path} holds no prompts")
-    return prompts
-
-
-def prompt_order(n: int, batch: int, step: int, seed: int) -> list[int]:
-    """Which prompts step `step` takes: the steps walk through a seeded shuffle of all n, a new one each epoch."""
-    out = []
-    for k in range(step * batch, (step + 1) * batch):
-        epoch, i = divmod(k, n)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[i]))
-    return out
-
-
-def rollout_seed(seed: int, step: int, index: int) -> int:
-    """The sampling seed of prompt `index` of step `step`: samples depend on (seed, step, weights) only."""
-    return int.from_bytes(hashlib.sha256(f"grpo:{seed}:{step}:{index}".encode()).digest()[:8], "little") >> 1
 
 
 # ---- the objective -------------------------------------------------------------------------------------------
@@ -542,58 +373,3 @@ def grpo(cfg: GRPOConfig, run_dir: str, resume: bool = False, progress: bool = T
     return {"step": step, "elapsed_s": round(elapsed, 1), "wall_s": round(wall, 1), "completion_tokens": tokens,
             "reward_mean_last_10": round(sum(recent) / max(len(recent), 1), 4),
             "checkpoints": [os.path.basename(p) for _, p in list_checkpoints(run_dir)]}
-
-
-# ---- evaluation and charts -----------------------------------------------------------------------------------
-def evaluate_rewards(model: str, prompts_path: str, reward_spec: str, max_tokens: int = 256,
-                     stop: tuple[str, ...] = (), progress: bool = False) -> dict:
-    """Greedy completion of every prompt by the model in `model` (fp32, as trained) and its mean reward: the
-    before/after measure of a GRPO run on held-out prompts."""
-    directory = resolve_model_path(model)
-    llm = LLM(directory, dtype="float32")
-    if llm.tokenizer is None:
-        raise FileNotFoundError(f"{model}: no tokenizer.json")
-    reward = load_reward(reward_spec)
-    prompts = load_prompts(prompts_path, llm.tokenizer, required_fields(reward_spec))
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=list(stop) or None)
-    outs = llm.generate(prompt_token_ids=[p.token_ids for p in prompts], sampling_params=params, use_tqdm=progress)
-    rewards = compute_rewards(reward, reward_spec, prompts, [o.outputs for o in outs]).flatten()
-    return {"model": model, "prompts": len(prompts), "reward_mean": round(rewards.mean().item(), 4),
-            "solved": round((rewards >= 1.0).float().mean().item(), 4),
-            "examples": [{"prompt": p.prompt, "completion": o.text, "reward": r}
-                         for p, o, r in list(zip(prompts, outs, rewards.tolist()))[:5]]}
-
-
-def plot_grpo(run_dir: str, out_dir: str | None = None) -> list[str]:
-    """RUN_DIR/plots/reward.png: reward mean (+- std) per step, KL to the reference, completion length."""
-    from .plot import _pyplot
-    records = [r for r in read_metrics(run_dir) if r.get("kind") == "grpo"]
-    if not records:
-        raise ValueError(f"{run_dir}: no GRPO records in metrics.jsonl yet")
-    plt = _pyplot()
-    out_dir = out_dir or os.path.join(run_dir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
-    steps = [r["step"] for r in records]
-    mean = np.array([r["reward_mean"] for r in records])
-    std = np.array([r["reward_std"] for r in records])
-    k = max(1, len(records) // 10)  # a moving average over ~a tenth of the run
-    smooth = np.convolve(mean, np.ones(k) / k, mode="valid")
-    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
-    axes[0].fill_between(steps, mean - std, mean + std, alpha=0.15, label="+- std over samples")
-    axes[0].plot(steps, mean, lw=0.8, alpha=0.6, label="mean reward")
-    axes[0].plot(steps[k - 1:], smooth, lw=2, label=f"moving average ({k} steps)")
-    axes[0].set(ylabel="reward", title=f"GRPO -- {os.path.basename(os.path.abspath(run_dir))}")
-    axes[0].legend(fontsize=8)
-    kl = [(s, r["kl"]) for s, r in zip(steps, records) if r.get("kl") is not None]
-    if kl:
-        axes[1].plot(*zip(*kl))
-    axes[1].set(ylabel="KL to reference (k3)")
-    axes[2].plot(steps, [r["completion_len"] for r in records])
-    axes[2].set(xlabel="step", ylabel="completion tokens")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "reward.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
