@@ -50,8 +50,8 @@ from .quant import TILE, linear_by_tiles
 KERNEL_GROUPS = (32, 64, 128, 256)  # what torch's CPU and CUDA int4 kernels take
 KERNEL_DTYPE = torch.bfloat16  # the kernels' activations and scales
 _CHUNK = 1 << 20  # bytes of int32 codes packed at a time for torch's CPU kernel (2816 x 2048: 11 ms vs 16 at 16 MB)
-_GROUP_CHUNK = 1 << 18  # weights quantized at a time (1 MB in fp32; 2816 x 2048 x one thread: 2^17 and 2^19 were
-#                         ~20% slower, 2^22 twice as slow)
+_GROUP_CHUNK = 1 << 20  # weights quantized at a time (4 MB in fp32): 2816 x 2048 on a busy 2-core machine, 2 threads:
+#   96 ms at 2^20, 224 at 2^18 (more, smaller parallel regions), 118 at 2^22, 500 before (one thread: 32, 47, 49, 106)
 
 
 def group_size_for(k: int, group_size: int) -> int:
@@ -66,9 +66,8 @@ def group_size_for(k: int, group_size: int) -> int:
 def quantize_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] (K a multiple of group_size) -> (codes uint8 [N, K] in 0..15, scale_zeros bf16 [K / g, N, 2]). The
     codes are rounded against the bf16 scale and zero the kernels will use. A block of rows at a time through one
-    fp32 buffer of _GROUP_CHUNK weights, small enough that the passes below run in cache: each is one vectorized op
-    in place, and the whole costs ~3 ns a weight (2816 x 2048: 19 ms, one thread; 38 ms with 16 MB blocks, whose
-    passes each went to memory). quantize_groups_reference is the slow twin, equal bit for bit."""
+    reused fp32 buffer of _GROUP_CHUNK weights (mostly in cache; no fresh pages to fault in), each pass one
+    vectorized op in place. quantize_groups_reference is the slow twin, equal bit for bit."""
     N, K = w.shape
     G = K // group_size
     q = torch.empty(N, K, dtype=torch.uint8, device=w.device)
