@@ -12,7 +12,9 @@ and final norm -- and each part is put in its inference form (prepare_part) befo
 form of the whole model (bf16 for the published checkpoints) never exists at once: peak memory is the prepared
 model plus one part in the stored dtype, which is what lets int4 / int8 fit a checkpoint bigger than RAM. The
 checkpoint is validated as a whole before a byte of weight is read; a tensor that cannot be read is named, with
-its file, before anything is returned.
+its file, before anything is returned. stream_parts is that loop on its own, for a caller that writes each part out
+(`dsv2 quantize`); a checkpoint it wrote (config.json's quantization_config) is read as stored by
+engine/quantized_checkpoint.py instead.
 """
 from __future__ import annotations
 
