@@ -320,3 +320,11 @@ def test_nibbles_equal_their_slow_twins(monkeypatch, shape):
     assert torch.equal(int4.unpack_nibbles(p), q) and torch.equal(int4.unpack_nibbles_reference(p), q)
     every = torch.arange(256, dtype=torch.uint8).view(16, 16)  # every byte
     assert torch.equal(int4.unpack_nibbles(every), int4.unpack_nibbles_reference(every))
+
+
+def test_the_engine_reports_the_stored_format(written):
+    """LLM(OUT) without --quantization describes what it loaded: dsv2 bench and info read llm.quantization."""
+    from dsv2.engine.llm import LLM
+    for (_, fmt), out in written.items():
+        llm = LLM(out, kv_cache_memory="16MiB")
+        assert llm.quantization == fmt and llm.plan.weights == fmt

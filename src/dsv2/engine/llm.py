@@ -35,6 +35,7 @@ from .config import EngineConfig
 from .kv_cache import BlockAllocator, size_kv_cache
 from .outputs import PositionLogprobs, RequestOutput, position_logprobs
 from .prepare import load_for_inference
+from .quantized_checkpoint import checkpoint_plan
 from .request import Completion, Request
 from .runner import ModelRunner, measure_activation_bytes
 from .sampler import Sampler, TokenLogprobs, make_generator, prompt_logprobs
@@ -102,6 +103,7 @@ class LLM:
                               gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
                               kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching, seed=seed)
         directory = resolve_model_path(path)
+        plan = checkpoint_plan(directory, plan)  # a `dsv2 quantize` directory: its own format
         self.workers = start_workers(tensor_parallel_size, directory, device)  # None: this process alone
         self.tensor_parallel_size = tensor_parallel_size
         self.enforce_eager = enforce_eager or device.type != "cuda" or self.workers is not None
