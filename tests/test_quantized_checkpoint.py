@@ -201,14 +201,14 @@ def test_plain_weight_paths_refuse_a_quantized_checkpoint(written, tmp_path, cap
 
 
 def test_transformers_cannot_use_it(written):
-    """transformers does not know quant_method "dsv2": it warns and leaves every quantized matrix unloaded (randomly
-    initialized) -- the README says to use dsv2, or give transformers the original checkpoint."""
+    """transformers refuses the directory outright (its model_type is not one it knows) rather than skipping the
+    unknown quant_method and loading randomly initialized matrices; the README says to use dsv2, or give
+    transformers the original checkpoint."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-    logging.set_verbosity_warning()
-    model, info = AutoModelForCausalLM.from_pretrained(written["untied", "int8"], output_loading_info=True)
-    assert "model.layers.0.self_attn.o_proj.weight" in info["missing_keys"]
-    assert "model.layers.0.self_attn.o_proj.qweight" in info["unexpected_keys"]
+    with pytest.raises(ValueError, match="deepseek_v2_dsv2_quantized"):
+        AutoModelForCausalLM.from_pretrained(written["untied", "int8"])
+    assert ModelConfig.from_pretrained(written["untied", "int8"]) == ModelConfig.from_pretrained(
+        written["untied", "int4"])  # dsv2 reads the config as the original's
 
 
 def test_bad_files_are_named(written, tmp_path):
@@ -324,7 +324,6 @@ def test_nibbles_equal_their_slow_twins(monkeypatch, shape):
 
 def test_the_engine_reports_the_stored_format(written):
     """LLM(OUT) without --quantization describes what it loaded: dsv2 bench and info read llm.quantization."""
-    from dsv2.engine.llm import LLM
     for (_, fmt), out in written.items():
         llm = LLM(out, kv_cache_memory="16MiB")
         assert llm.quantization == fmt and llm.plan.weights == fmt

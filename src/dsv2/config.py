@@ -226,7 +226,9 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{file} must hold a JSON object")
         mt = d.get("model_type")
-        if mt is not None and mt != "deepseek_v2":
+        if mt == "deepseek_v2_dsv2_quantized":  # `dsv2 quantize` output (engine/quantized_checkpoint.py)
+            d = {**d, "model_type": "deepseek_v2"}
+        elif mt is not None and mt != "deepseek_v2":
             raise ConfigError(f"{file}: model_type is {mt!r}; dsv2 runs 'deepseek_v2' models only")
         try:
             return cls.from_dict(d)

@@ -53,6 +53,11 @@ from ..progress import Progress
 from .prepare import LAYERS, _convert_child, release_freed_memory, stream_parts, top_part
 
 METHOD = "dsv2"
+# config.json's model_type in a quantized directory. transformers skips a quant_method it does not know with a
+# warning and loads the model with every quantized matrix left at its random init; under a model_type it does not
+# know, AutoConfig / AutoModelForCausalLM refuse the directory instead ("... has model type
+# `deepseek_v2_dsv2_quantized` but Transformers does not recognize this architecture"), and so do other tools
+MODEL_TYPE = "deepseek_v2_dsv2_quantized"
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
               torch.uint8: "U8"}
 
@@ -316,7 +321,8 @@ def _write_config(src: str, staging: str, quant: dict, dtype: torch.dtype) -> No
     """The source's config.json as it is (keys dsv2 does not use stay), with quantization_config and torch_dtype."""
     with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
         d = json.load(f)
-    d.pop("auto_map", None)  # remote code cannot read this format: let transformers fail on quantization_config
+    d.pop("auto_map", None)  # remote code cannot read this format either
+    d["model_type"] = MODEL_TYPE
     d["torch_dtype"] = str(dtype).removeprefix("torch.")
     d["quantization_config"] = quant
     with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
