@@ -42,7 +42,7 @@ from .lora import DEFAULT_TARGETS, LoraConfig, apply_lora, load_trainable_state_
 from .loop import TOKENIZER_FILES, Interval, catch_stop_signals, diverged, restore_signals
 from .losses import BalanceCoefficients, LoadStats, balance_loss
 from .optim import build_optimizer, lr_at
-from .train_config import RunSettings, check_optimizer_settings, need
+from .train_config import RUN_KINDS, RunSettings, check_optimizer_settings, need
 
 SFT_CONFIG = "sft_config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -141,7 +141,6 @@ def load_lora_run_model(run_dir: str, state: dict, device="cpu"):
 
 
 def _init_run_dir(cfg: SftConfig, run_dir: str, model_dir: str) -> None:
-    from .train_config import RUN_KINDS
     for name in RUN_KINDS:
         if os.path.exists(os.path.join(run_dir, name)):
             raise ValueError(f"{run_dir} already holds a run; continue it with --resume, or choose another --out")
