@@ -1,6 +1,7 @@
 """Where a decode step's time goes: weight matmuls vs attention vs small ops vs Python/engine overhead.
 
     python benchmarks/decode_profile.py /tmp/bench-mini [--batch 1] [--context 256] [--steps 20]
+    python benchmarks/decode_profile.py ~/models/v2-lite-4l --quantization int4 --kv-cache-memory 1GiB
 
 Runs the engine to steady decode, times `steps` plain steps (wall clock), then profiles the same number of steps
 with torch.profiler and groups operator self-time into categories. "Python and dispatch" is the wall time no
@@ -20,6 +21,7 @@ from dsv2.engine.sampling_params import SamplingParams
 
 CATEGORIES = [  # first match wins
     ("weight matmuls (packed / linear)", ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")),
+    ("quantized matmuls (int8 / int4 kernels)", ("aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm")),
     ("attention (bmm, softmax, gather)", ("aten::bmm", "aten::_softmax", "aten::index_select", "aten::index_copy_",
                                           "aten::masked_fill_", "aten::_scaled_dot_product")),
     ("MoE routing (topk, sort, scatter)", ("aten::topk", "aten::sort", "aten::argsort", "aten::bincount",
@@ -33,8 +35,10 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--quantization", choices=("int8", "int4"), default=None)
+    ap.add_argument("--kv-cache-memory", default=None, help="e.g. 1GiB (default: the engine's sizing)")
     a = ap.parse_args()
-    llm = LLM(a.model, max_num_seqs=a.batch)
+    llm = LLM(a.model, max_num_seqs=a.batch, quantization=a.quantization, kv_cache_memory=a.kv_cache_memory)
     params = SamplingParams(temperature=0, max_tokens=3 * a.steps + 8, ignore_eos=True)
     for b in range(a.batch):
         llm.add_request(np.random.default_rng(b).integers(2, llm.config.vocab_size, a.context).tolist(), params)
@@ -68,7 +72,7 @@ def main():
     print(f"| Python, dispatch and engine bookkeeping | {max(rest, 0):.2f} | {100 * max(rest, 0) / (wall * 1e3):.0f}% |")
     n_ops = sum(e.count for e in events) / a.steps
     print(f"\n{n_ops:.0f} operator calls per step.\n")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16))
 
 
 if __name__ == "__main__":

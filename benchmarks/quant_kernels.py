@@ -4,6 +4,7 @@ prefills next to the plan's own bf16 one, and how far quantization moves the nex
     python benchmarks/quant_kernels.py --out benchmarks/results/quant.json          # everything, markdown on stdout
     python benchmarks/quant_kernels.py --only kernels --rows 1,4,16,32,64,256       # where the kernels cross over
     python benchmarks/quant_kernels.py --only accuracy --model /tmp/bench/mini --positions 2048
+    python benchmarks/quant_kernels.py --only bits --data /tmp/stdlib-data --out benchmarks/results/quant-bits.json
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 DSV2_CPU_CAPABILITY=avx2 \\
         python benchmarks/quant_kernels.py --only kernels,prefill                   # as on an AVX2 CPU
 
@@ -20,6 +21,9 @@ accuracy: each quantization applied to the weights (quantize, dequantize: the sa
   source (each model's own tokenizer), for int8 and int4 at each group size, with lm_head / kv_b_proj / attention
   quantized or not. Models: the shipped dsv2-tiny-stdlib (trained), and --model (default /tmp/bench/mini if present,
   random weights: ../shared/bench/make_bench_model.py).
+bits: held-out bits per byte of the shipped model through each plan's real modules (fp32, bf16, int8, int4) over the
+  whole validation split of --data: `dsv2 data prepare $STDLIB --include '*.py' --exclude 'site-packages/*'
+  --val-fraction 0.03 --tokenizer src/dsv2/assets/dsv2-tiny-stdlib --out /tmp/stdlib-data` (the recipe's split).
 
 The load average is printed with every section: other processes on the machine slow all paths, but not evenly (a
 busy 2-core machine makes torch's threads wait for each other, most in small ops). --threads 1 times the CPU time of
@@ -242,6 +246,27 @@ def accuracy(model_dir: str, positions: int, seq: int) -> list[dict]:
     return out
 
 
+def bits_per_byte(model_dir: str, data: str, seq: int, plans: list[str]) -> list[dict]:
+    """Held-out bits per byte of model_dir over the whole validation split of `data` (`dsv2 data prepare` with the
+    model's tokenizer), through the modules each plan really builds (load_for_inference: int8 / int4 kernels and
+    tiles, bf16 compute), against the fp32 model."""
+    from dsv2.engine.prepare import load_for_inference
+    from dsv2.train.data import TokenShards
+    from dsv2.train.evaluate import evaluate
+    shards = TokenShards(data, "validation")
+    out = []
+    for name in plans:
+        t = time.perf_counter()
+        model = dsv2.load_model(model_dir) if name == "fp32" else load_for_inference(
+            model_dir, inference_plan("cpu", "auto", None if name == "bf16" else name))
+        r = evaluate(model, shards, seq, batch_size=8)
+        out.append(dict(model=os.path.basename(model_dir.rstrip("/")), plan=name, tokens=r["tokens"],
+                        loss=round(r["loss"], 4), bits_per_byte=round(r["bits_per_byte"], 4),
+                        seconds=round(time.perf_counter() - t)))
+        print(f"  {out[-1]}", flush=True)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -260,6 +285,9 @@ def main():
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--positions", type=int, default=2048)
     ap.add_argument("--seq", type=int, default=257, help="tokens per sequence in the accuracy section")
+    ap.add_argument("--data", help="bits section: a `dsv2 data prepare` directory made with the shipped model's "
+                                   "tokenizer (recipes/tiny-stdlib.sh's split: the same 3%% held out)")
+    ap.add_argument("--bits-plans", default="fp32,bf16,int8,int4", help="plans of the bits section")
     ap.add_argument("--out", help="also write everything as JSON here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -286,6 +314,10 @@ def main():
         result["accuracy"] = [r for m in models for r in accuracy(m, a.positions, a.seq)]
         print("\n## Accuracy against bf16 (fp32 compute)\n")
         print(table(result["accuracy"]))
+    if "bits" in only:
+        result["bits"] = bits_per_byte(SHIPPED, a.data, 512, a.bits_plans.split(","))
+        print("\n## Held-out bits per byte, the shipped model\n")
+        print(table(result["bits"]))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -278,6 +278,8 @@ def test_cli_run_resume_exact_and_export(tmp_path, llm_dir):
     start = load_model(llm_dir)
     assert not torch.equal(exported.lm_head.weight, start.lm_head.weight)  # it trained
     assert cli(["grpo", "--plot", full]) == 0 and os.path.getsize(os.path.join(full, "plots", "reward.png")) > 0
+    os.remove(os.path.join(full, "plots", "reward.png"))
+    assert cli(["plot", full]) == 0 and os.path.getsize(os.path.join(full, "plots", "reward.png")) > 0  # dsv2 plot too
 
 
 def test_evaluate_scores_greedy_completions(tmp_path, llm_dir):

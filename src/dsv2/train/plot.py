@@ -25,6 +25,9 @@ def _pyplot():
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """Write the charts for `run_dir` into `out_dir` (default RUN_DIR/plots); returns the files written."""
     records = read_metrics(run_dir)
+    if any(r.get("kind") == "grpo" for r in records):  # a `dsv2 grpo` run: reward, KL, completion length
+        from .grpo_eval import plot_grpo
+        return plot_grpo(run_dir, out_dir)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     if not train:
