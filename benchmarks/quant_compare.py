@@ -72,7 +72,12 @@ def main():
     ap.add_argument("--cpu", choices=sorted(EMULATE), help="restrict dsv2 to this CPU kind (llama.cpp: pick a "
                                                            "matching build with --llama-python)")
     ap.add_argument("--out", help="write the results as JSON here (and the markdown table beside it, .md)")
+    ap.add_argument("--markdown-from", metavar="JSON", help="only print the table of an earlier run's JSON")
     a = ap.parse_args()
+    if a.markdown_from:
+        with open(a.markdown_from) as f:
+            print(markdown(json.load(f)))
+        return
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
     llama_env = dict(env)
     if a.cpu:
@@ -123,7 +128,8 @@ def markdown(r: dict) -> str:
         per_token = v.get("decode_weight_bytes_per_token")
         seqs = v.get("batch", 1)
         gbs = v["decode_tokens_per_s"] / seqs * per_token / 1e9 if per_token else None
-        lines.append(f"| {v['engine']} | {v['format']} | {seqs} | {v.get('weight_bytes', 0) / 1e9:.2f} | "
+        size = f"{v['weight_bytes'] / 1e9:.2f}" if "weight_bytes" in v else "-"  # (a llama_cpp without gguf-py)
+        lines.append(f"| {v['engine']} | {v['format']} | {seqs} | {size} | "
                      f"{v['load_s']:.1f} | {v['peak_rss_mb'] / 1024:.2f} | {v['prefill_tokens_per_s']:.1f} | "
                      f"{v['decode_tokens_per_s']:.2f} | "
                      + (f"{per_token / 1e6:.0f} | {gbs:.1f} | {100 * gbs / bw:.0f}% |" if gbs and seqs == 1
