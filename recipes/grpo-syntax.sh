@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GRPO on the model dsv2 ships: finish a line of Python so that it parses (recipes/grpo_syntax.py has the task).
-#   bash recipes/grpo-syntax.sh [WORK_DIR]      (default: runs/grpo-syntax; 36 minutes of GRPO steps measured on 2
-#   CPU cores shared with other work, plus ~3 minutes of evaluation)
+#   bash recipes/grpo-syntax.sh [WORK_DIR]      (default: runs/grpo-syntax; 70 s on an idle 2-core CPU, 49 s of
+#   them GRPO steps; on cores shared with other work it took 36 minutes: see OMP_WAIT_POLICY in the README)
 # From dsv2-tiny-stdlib (src/dsv2/assets), 2000 training prompts cut from one-line statements of the stdlib files
 # it was trained on, 200 held-out prompts from the files held out from its pretraining. Before and after: one
 # greedy completion per held-out prompt, the fraction that parses. Then the reward curve (plots/reward.png).
