@@ -23,7 +23,7 @@ def register(sub) -> None:
     from ..train.grpo_config import NORMALIZATIONS
     p = sub.add_parser(
         "grpo", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="reinforcement learning with GRPO: sample groups, reward them, push up the better half",
+        help="reinforcement learning with GRPO: sample groups, reward them, push up what beat its group",
         description=(
             "GRPO as DeepSeekMath defines it and DeepSeek-V2 used it: for each prompt, --group-size samples from "
             "the current policy (dsv2's own engine, in this process, on the weights being trained); each is "
