@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from .train import resumed_settings
 
 _FIELDS = ("prompts", "reward", "model", "steps", "batch_size", "group_size", "max_tokens", "temperature", "stop",
            "lr", "warmup_steps", "weight_decay", "grad_clip", "beta", "epsilon", "epsilon_high", "loss_normalization",
@@ -142,12 +143,7 @@ def run_grpo(args) -> int:
         raise ValueError("--out RUN_DIR is required: the directory for the run's config, metrics and checkpoints")
     resume = args.resume or args.resume_step is not None
     if resume:
-        cfg = GRPOConfig.load(args.out)
-        changed = {k: v for k, v in given.items() if getattr(cfg, k) != v}
-        if changed:
-            print(f"resume with changed settings {changed}: the continuation will differ from the original plan",
-                  file=sys.stderr)
-            cfg = cfg.replace(**changed)
+        cfg = resumed_settings(GRPOConfig.load(args.out), given)
     else:
         missing = [f"--{k}" for k in ("prompts", "reward") if k not in given]
         if missing:

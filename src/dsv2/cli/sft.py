@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from .train import optimizer_args
+from .train import optimizer_args, resumed_settings
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 _FIELDS = ("data", "model", "val_data", "seq_len", "batch_size", "grad_accum", "steps", "epochs", "lr",
@@ -105,12 +105,7 @@ def run_sft(args) -> int:
     given = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
     resume = args.resume or args.resume_step is not None
     if resume:
-        cfg = SftConfig.load(args.out)
-        changed = {k: v for k, v in given.items() if getattr(cfg, k) != v}
-        if changed:
-            print(f"resume with changed settings {changed}: the continuation will differ from the original plan",
-                  file=sys.stderr)
-            cfg = cfg.replace(**changed)
+        cfg = resumed_settings(SftConfig.load(args.out), given)
     else:
         if "data" not in given:
             raise ValueError("--data is required for a new run (a chat JSONL file, see dsv2 sft --help)")

@@ -264,12 +264,7 @@ def run_train(args) -> int:
         raise ValueError("--out RUN_DIR is required: the directory for the run's config, metrics and checkpoints")
     resume = args.resume or args.resume_step is not None
     if resume:
-        tc = TrainConfig.load(args.out)
-        changed = {k: v for k, v in given.items() if getattr(tc, k) != v}
-        if changed:
-            print(f"resume with changed settings {changed}: the continuation will differ from the original plan",
-                  file=sys.stderr)
-            tc = tc.replace(**changed)
+        tc = resumed_settings(TrainConfig.load(args.out), given)
     else:
         if "data" not in given:
             raise ValueError("--data is required for a new run (a directory from `dsv2 data prepare`)")
@@ -294,6 +289,17 @@ def run_train(args) -> int:
     if main:
         print(json.dumps(summary))
     return 130 if summary.get("stopped") else 0
+
+
+def resumed_settings(saved, given: dict):
+    """A resumed run's saved settings with the options given on this command line over them (said on stderr: the
+    continuation then differs from the original plan)."""
+    changed = {k: v for k, v in given.items() if getattr(saved, k) != v}
+    if changed:
+        print(f"resume with changed settings {changed}: the continuation will differ from the original plan",
+              file=sys.stderr)
+        saved = saved.replace(**changed)
+    return saved
 
 
 def run_export(args) -> int:

@@ -30,7 +30,6 @@ M completion tokens of a micro-batch (flat), V vocab.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -51,7 +50,7 @@ from .checkpointing import (append_metrics, list_checkpoints, load_latest, read_
                             save_checkpoint, set_aside_after, set_rng_state)
 from .grpo_config import GRPO_CONFIG, NORMALIZATIONS, GRPOConfig, Prompt, load_prompts, prompt_order, rollout_seed
 from .lora import LoraExperts, LoraLinear, apply_lora, load_trainable_state_dict, trainable_state_dict
-from .loop import TOKENIZER_FILES
+from .loop import init_finetune_run_dir
 from .optim import build_optimizer, lr_at
 from .rewards import load_reward, python_asserts, required_fields, score
 
@@ -239,18 +238,6 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def _init_run_dir(cfg: GRPOConfig, run_dir: str, model_dir: str) -> None:
-    for name in (GRPO_CONFIG, "train_config.json"):
-        if os.path.exists(os.path.join(run_dir, name)):
-            raise ValueError(f"{run_dir} already holds a run; continue it with --resume, or choose another --out")
-    os.makedirs(os.path.join(run_dir, "tokenizer"), exist_ok=True)
-    cfg.save(run_dir)
-    ModelConfig.from_pretrained(model_dir).save(run_dir)
-    for name in TOKENIZER_FILES:  # what `dsv2 export` copies next to the weights
-        if os.path.isfile(os.path.join(model_dir, name)):
-            shutil.copyfile(os.path.join(model_dir, name), os.path.join(run_dir, "tokenizer", name))
-
-
 def grpo(cfg: GRPOConfig, run_dir: str, resume: bool = False, progress: bool = True,
          resume_step: int | None = None) -> dict:
     """Run (or with resume=True continue) the GRPO run in `run_dir`; returns the final summary."""
@@ -277,7 +264,7 @@ def grpo(cfg: GRPOConfig, run_dir: str, resume: bool = False, progress: bool = T
         state = load_latest(run_dir, resume_step)  # before anything is written
         cfg.save(run_dir)
     else:
-        _init_run_dir(cfg, run_dir, model_dir)
+        init_finetune_run_dir(cfg, run_dir, model_dir)
 
     policy = load_model(model_dir, device=device)  # fp32 weights: AdamW's updates are far below bf16's step
     reference = load_model(model_dir, device=device).requires_grad_(False) if cfg.beta > 0 else None

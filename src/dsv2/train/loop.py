@@ -54,7 +54,7 @@ from .losses import BalanceCoefficients, LoadStats, balance_loss, cross_entropy
 from .optim import build_optimizer, lr_at
 from .presets import PRESETS, preset_config
 from .sharded_checkpoint import load_full, load_sharded, save_sharded
-from .train_config import TRAIN_CONFIG, TrainConfig
+from .train_config import RUN_KINDS, TRAIN_CONFIG, TrainConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -105,6 +105,20 @@ def _init_run_dir(tc: TrainConfig, cfg: ModelConfig, run_dir: str, manifest: dic
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(run_dir, "tokenizer", name))
+
+
+def init_finetune_run_dir(settings, run_dir: str, model_dir: str) -> None:
+    """A new fine-tuning run (dsv2 sft / grpo) from the model in `model_dir`: refuses a directory that holds any
+    run, then writes the run's settings, the model's config and its tokenizer files (what `dsv2 export` copies)."""
+    for name in RUN_KINDS:
+        if os.path.exists(os.path.join(run_dir, name)):
+            raise ValueError(f"{run_dir} already holds a run; continue it with --resume, or choose another --out")
+    os.makedirs(os.path.join(run_dir, "tokenizer"), exist_ok=True)
+    settings.save(run_dir)
+    ModelConfig.from_pretrained(model_dir).save(run_dir)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(model_dir, name)):
+            shutil.copyfile(os.path.join(model_dir, name), os.path.join(run_dir, "tokenizer", name))
 
 
 def catch_stop_signals() -> tuple[list[int], dict]:

@@ -39,10 +39,10 @@ from .chat_data import IGNORE, Batch, SftBatches, load_chat_jsonl
 from .checkpointing import (append_metrics, load_latest, rng_state, save_checkpoint, set_aside_after,
                             set_rng_state)
 from .lora import DEFAULT_TARGETS, LoraConfig, apply_lora, load_trainable_state_dict, trainable_state_dict
-from .loop import TOKENIZER_FILES, Interval, catch_stop_signals, diverged, restore_signals
+from .loop import Interval, catch_stop_signals, diverged, init_finetune_run_dir, restore_signals
 from .losses import BalanceCoefficients, LoadStats, balance_loss
 from .optim import build_optimizer, lr_at
-from .train_config import RUN_KINDS, RunSettings, check_optimizer_settings, need
+from .train_config import RunSettings, check_optimizer_settings, need
 
 SFT_CONFIG = "sft_config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -141,15 +141,7 @@ def load_lora_run_model(run_dir: str, state: dict, device="cpu"):
 
 
 def _init_run_dir(cfg: SftConfig, run_dir: str, model_dir: str) -> None:
-    for name in RUN_KINDS:
-        if os.path.exists(os.path.join(run_dir, name)):
-            raise ValueError(f"{run_dir} already holds a run; continue it with --resume, or choose another --out")
-    os.makedirs(os.path.join(run_dir, "tokenizer"), exist_ok=True)
-    cfg.save(run_dir)
-    ModelConfig.from_pretrained(model_dir).save(run_dir)
-    for name in TOKENIZER_FILES:  # what `dsv2 export` copies next to the weights
-        if os.path.isfile(os.path.join(model_dir, name)):
-            shutil.copyfile(os.path.join(model_dir, name), os.path.join(run_dir, "tokenizer", name))
+    init_finetune_run_dir(cfg, run_dir, model_dir)
     if os.path.isfile(os.path.join(model_dir, GENERATION_CONFIG)):  # the base's sampling defaults, for export
         shutil.copyfile(os.path.join(model_dir, GENERATION_CONFIG), os.path.join(run_dir, GENERATION_CONFIG))
 
