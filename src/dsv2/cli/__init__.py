@@ -41,12 +41,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except (ValueError, FileNotFoundError) as e:  # config / checkpoint / request errors speak for themselves
         print(f"dsv2 {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        code = 1
+    from ..parallel.launch import left_a_group
+    if left_a_group():
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown. A rank that took part in a gloo group (torch 2.13) can abort at
+    interpreter exit -- 'terminate called without an active exception', SIGABRT -- even after the group was
+    destroyed at a barrier and every result was written, and torchrun then reports the whole job failed. Everything
+    this process owes is on disk by now (checkpoints and metrics are written and closed); flush the streams and go."""
+    import os
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

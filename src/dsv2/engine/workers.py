@@ -49,8 +49,8 @@ import torch.distributed as dist
 from ..capability import InferencePlan
 from ..checkpoint import validate
 from ..config import ModelConfig
-from ..parallel.launch import (TorchrunEnv, cpu_threads_per_rank, describe_exit, die_with_parent, sigint_deferred,
-                               torchrun_env)
+from ..parallel.launch import (TorchrunEnv, cpu_threads_per_rank, describe_exit, die_with_parent, leave_group,
+                               sigint_deferred, torchrun_env)
 from ..parallel.tensor_parallel import ParallelContext, check_sizes
 from ..model import Transformer
 from .config import EngineConfig
@@ -344,7 +344,7 @@ class Workers:
                 p.kill()
                 p.wait()
         try:
-            dist.destroy_process_group()
+            leave_group()
         except Exception:
             pass
         if self.threads_before is not None:
@@ -413,7 +413,7 @@ def run_worker(rank: int, world: int, device: torch.device, ranks_on_host: int, 
                 runner = ModelRunner(model, layout.num_blocks, layout.block_size, plan.cache_dtype,
                                      payload.kv_cache_dtype)
             elif kind == "stop":
-                dist.destroy_process_group()
+                leave_group()
                 return 0
             else:
                 raise RuntimeError(f"unknown message {kind!r} from rank 0 (are all ranks running the same dsv2?)")

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from ..model import Transformer
 from ..model.moe import Gate
-from .launch import torchrun_env
+from .launch import leave_group, torchrun_env
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def close(world: World | None) -> None:
     meshes' subgroups) destroyed while the ranks are alive, not at interpreter exit."""
     if world is not None and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        leave_group()
 
 
 def apply_fsdp(model: Transformer, mesh: DeviceMesh, bf16: bool = False) -> Transformer:

@@ -6,6 +6,7 @@ child's life to its parent's, naming how a process ended, sharing the cores, kee
     describe_exit(proc.returncode)        # "exited with code 1" / "was killed by signal 9 (SIGKILL)"
     torch.set_num_threads(cpu_threads_per_rank(4))
     with sigint_deferred(): ...           # Ctrl-C waits until the block is done, then raises
+    leave_group(); left_a_group()         # destroy this process's groups; whether it did (the CLI then exits fast)
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PARENT_POLL_S = 0.5
+_LEFT = False
 
 
 @dataclass(frozen=True)
@@ -114,3 +116,17 @@ def sigint_deferred():
                 previous(signal.SIGINT, None)
             elif previous == signal.SIG_DFL:
                 os.kill(os.getpid(), signal.SIGINT)
+
+
+def leave_group() -> None:
+    """Destroy every process group of this process (the default one and its subgroups), and remember it."""
+    import torch.distributed as dist
+    global _LEFT
+    dist.destroy_process_group()
+    _LEFT = True
+
+
+def left_a_group() -> bool:
+    """Whether this process took part in a process group and left it: the CLI then exits without the interpreter's
+    teardown, where torch 2.13's gloo can abort a rank that has finished (cli._exit_now)."""
+    return _LEFT
