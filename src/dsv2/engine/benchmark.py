@@ -56,6 +56,7 @@ def run_benchmark(llm: LLM, batch: int, context: int, new: int, repeat: int = 1,
         "system": {"plan": llm.plan.as_dict(),
                    **({"cpu": cpu_capability().as_dict()} if llm.device.type == "cpu" else {})},
         "prefill_tokens_per_s": best[0], "decode_tokens_per_s": best[1],
+        "decode_compiled": llm.runner.compiled is not None,
         "kv_cache_dtype": llm.kv_cache_dtype, "kv_cache_bytes_per_token": llm.kv_cache_bytes_per_token,  # as stored
         # every rank of a tensor-parallel group keeps a whole copy of the latent cache (it cannot be split by heads)
         "tensor_parallel_size": llm.tensor_parallel_size, "kv_cache_bytes_per_rank": llm.kv_cache_bytes,

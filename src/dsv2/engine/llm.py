@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 import torch
@@ -62,7 +63,12 @@ class LLM:
     WORLD_SIZE = N (several hosts), every rank runs the same program: on ranks other than 0, LLM() serves rank 0
     and then exits the process instead of returning.
     enforce_eager: on CUDA, decode-only steps replay CUDA graphs captured per batch-size bucket (at a bucket's
-    first use) unless True; CPU and tensor-parallel runs are always eager.
+    first use) unless True; CPU and tensor-parallel runs are eager unless compile_decode.
+    compile_decode (CPU): decode-only steps run as one torch.compile'd graph with the matrix kernels kept opaque
+    (engine/compiled.py): fewer, fused operator calls per token. The first decode step of one sequence and the
+    first of several each compile (tens of seconds; warm_up() does both up front); Inductor caches the result on
+    disk (~/.cache/dsv2/inductor), so later starts are quicker. Needs a C++ compiler: without one, or with
+    enforce_eager=True, decode stays eager (a notice says why).
     vLLM arguments accepted for compatibility: trust_remote_code (ignored: dsv2 never runs code from a model
     directory), gpu_memory_utilization (a fraction of free GPU memory for the cache), swap_space, tokenizer (a
     directory), seed.
@@ -85,7 +91,8 @@ class LLM:
                  enable_prefix_caching: bool = True, seed: int = 0, tensor_parallel_size: int = 1,
                  trust_remote_code: bool = False, enforce_eager: bool = False,
                  gpu_memory_utilization: float | None = None, swap_space: float | None = None,
-                 cpu_weight_packing: bool | None = None, quantization: str | None = None, **unknown):
+                 cpu_weight_packing: bool | None = None, quantization: str | None = None,
+                 compile_decode: bool = False, **unknown):
         self.workers = None  # first: shutdown() works whatever fails below
         if unknown:
             raise TypeError(f"LLM() got unknown argument(s) {sorted(unknown)}")
@@ -107,6 +114,7 @@ class LLM:
         self.workers = start_workers(tensor_parallel_size, directory, device)  # None: this process alone
         self.tensor_parallel_size = tensor_parallel_size
         self.enforce_eager = enforce_eager or device.type != "cuda" or self.workers is not None
+        self.compile_decode = compile_decode and not enforce_eager and self.workers is None
         try:
             if self.workers is None:
                 self.plan = plan
@@ -144,6 +152,7 @@ class LLM:
         self = cls.__new__(cls)
         self.workers, self.tensor_parallel_size = None, 1
         self.enforce_eager = True  # the weights change between calls: nothing captured over them
+        self.compile_decode = False
         self.plan = InferencePlan(str(weight.device), weight.dtype, weight.dtype, weight.dtype, "plain", None, False)
         self.model, self.tokenizer = model, tokenizer
         self.generation_defaults = dict(generation_defaults or {})
@@ -187,7 +196,8 @@ class LLM:
         self.kv_cache_bytes_per_token = layout.bytes_per_token  # all layers, as stored
         self.runner = ModelRunner(self.model, layout.num_blocks, layout.block_size, self.plan.cache_dtype,
                                   engine.kv_cache_dtype, enforce_eager=self.enforce_eager,
-                                  max_model_len=layout.max_model_len, max_num_seqs=engine.max_num_seqs)
+                                  max_model_len=layout.max_model_len, max_num_seqs=engine.max_num_seqs,
+                                  compile_decode=self.compile_decode)
         self._new_scheduler()
         eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -231,6 +241,19 @@ class LLM:
             self.workers.shutdown()
 
     close = shutdown
+
+    def warm_up(self) -> float:
+        """Run what a first request would otherwise wait for -- with compile_decode, the compilation of the decode
+        step for one sequence and for several -- on a few dummy tokens; returns the seconds it took. Call it with
+        no request in flight; the prefix cache is emptied afterwards (it held only the dummy prompts)."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up() with requests in flight: call it before adding requests")
+        t0 = time.perf_counter()
+        greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        self.generate(prompt_token_ids=[[2, 3, 4, 5]], sampling_params=greedy)
+        self.generate(prompt_token_ids=[[2, 3, 4, 5], [6, 7, 8, 9]], sampling_params=greedy)
+        self._new_scheduler()
+        return time.perf_counter() - t0
 
     def __enter__(self) -> LLM:
         return self

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..model import PagedAttention, Transformer
 from ..model.mla import DecodeGroup, Fp8Latent
 from ..model.moe import ExpertGroup, Experts
+from .compiled import CompiledDecode, notice, static_decode, unsupported_reason
 from .kv_cache import allocate_kv_cache, cache_row
 from .scheduler import ScheduledSeq
 
@@ -115,11 +116,12 @@ class ModelRunner:
     """enforce_eager=False: decode-only steps go through DecodeGraphs (captured as CUDA graphs on CUDA; on CPU the
     same static buffers run eagerly, the twin the tests compare with). It is the engine's (LLM's) call, since every
     rank of a tensor-parallel group would have to capture alike; the runner's default is eager. max_model_len
-    bounds the block tables' width (default: the whole cache)."""
+    bounds the block tables' width (default: the whole cache). compile_decode=True (CPU): decode-only steps run
+    the torch.compile'd static decode (engine/compiled.py), or eagerly with a notice where it cannot compile."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, cache_dtype: torch.dtype,
                  kv_cache_dtype: str = "auto", *, enforce_eager: bool = True, max_model_len: int | None = None,
-                 max_num_seqs: int = GRAPH_BATCHES[-1]):
+                 max_num_seqs: int = GRAPH_BATCHES[-1], compile_decode: bool = False):
         self.model = model
         self.config = model.config
         self.device = model.model.embed_tokens.weight.device
@@ -139,6 +141,13 @@ class ModelRunner:
         self.table_width = -(-(max_model_len or num_blocks * block_size) // block_size)  # W
         self.graphs = DecodeGraphs(self, min(max_num_seqs, GRAPH_BATCHES[-1]), capture=self.device.type == "cuda") \
             if static else None
+        self.compiled = None
+        if compile_decode:
+            reason = unsupported_reason(model, self.device)
+            if reason is None:
+                self.compiled = CompiledDecode(self)
+            else:
+                notice(reason)
 
     def _context_slots(self, block_table: list[int], length: int) -> torch.Tensor:
         """Cache slots of positions 0..length-1: block_table[p // bs] * bs + p % bs."""
@@ -188,6 +197,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInputs) -> StepLogits:
         """Run the model on one step's inputs: the latents go into the cache, the wanted rows' logits come out."""
+        if self.compiled is not None and self.compiled.takes(step):
+            out = self.compiled.run(step)
+            if out is not None:
+                return out
+            notice(self.compiled.failed)
+            self.compiled = None
         if self.graphs is not None and self.graphs.takes(step):
             try:
                 return self.graphs.run(step)
@@ -304,13 +319,7 @@ class DecodeGraphs:
 
     def forward(self, batch: int) -> torch.Tensor:
         """The model on the first `batch` rows of the static inputs -> logits [batch, V]."""
-        rows, bs = self.inputs[:batch], self.runner.block_size
-        tokens, positions, lens, tables = rows[:, 0].long(), rows[:, 1].long(), rows[:, 2], rows[:, 3:]
-        slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs  # [Bb]
-        attn = PagedAttention(kv_caches=self.runner.kv_caches, slot_mapping=slots, seq_slots=[],
-                              query_ranges=[(i, i + 1) for i in range(batch)], num_decode=batch,
-                              fp8=self.runner.fp8, block_tables=tables, context_lens=lens)
-        return self.runner.model(tokens, positions, attn=attn)
+        return static_decode(self.runner, self.inputs[:batch])
 
     def run(self, step: StepInputs) -> StepLogits:
         S = len(step.starts)

@@ -90,8 +90,11 @@ class Fp8Latent:
     def dequantize(self, raw: torch.Tensor) -> torch.Tensor:
         """[..., W] uint8 -> [..., R + Dr] fp32."""
         codes, scales, pe = self.parts(raw)
-        out = torch.empty(*raw.shape[:-1], self.rank + self.rope, device=raw.device)
         G = self.num_groups
+        if torch.compiler.is_compiling():  # the same product, without out= (which compiled code cannot take)
+            c_kv = e4m3_as_fp16(codes).float().unflatten(-1, (G, -1)) * (scales * 256.0).unsqueeze(-1)
+            return torch.cat([c_kv.flatten(-2), pe.float()], dim=-1)
+        out = torch.empty(*raw.shape[:-1], self.rank + self.rope, device=raw.device)
         torch.mul(e4m3_as_fp16(codes).float().unflatten(-1, (G, -1)), (scales * 256.0).unsqueeze(-1),
                   out=out[..., :self.rank].unflatten(-1, (G, -1)))  # [..., G, R/G]
         out[..., self.rank:] = pe

@@ -1,0 +1,221 @@
+"""The compiled CPU decode step (`LLM(compile_decode=True)`, `--compile`): a decode-only engine step as one
+torch.compile'd graph, with the matrix kernels left as they are.
+
+Eager decode of a small model is mostly overhead: ~1,500 operator calls per token for the shipped 6-layer model, each
+a few microseconds of dispatch around little arithmetic. Inductor fuses what lies between the matrix products
+(norms, rope, the absorbed query, scores, softmax, the router, residuals) into a few C++ loops. The matrix products
+themselves are already the right kernels for each weight format -- oneDNN-prepacked bf16, int8, int4, the AVX2
+upcast -- and several of them hold tensors Inductor cannot take (oneDNN's opaque packed weights), so they stay
+opaque: `seal(model)` wraps every matrix module (linears, dense/shared MLPs, routed experts) so that, while
+compiling, it appears in the graph as one custom operator (`dsv2::matrix_module`, `dsv2::routed_experts`) that
+calls the module eagerly. Outside compilation the wrappers call the module directly, so the eager paths (prefill,
+mixed steps) are unchanged. The routed experts keep their host-side grouping (one call per layer), so the graph
+has no break: the step's Python work is one compiled call plus the opaque modules.
+
+Shapes are dynamic (batch and block-table width), so one compilation serves every batch and context; Dynamo
+specialises a batch of one, so the warm-up compiles twice. Compilation needs a C++ compiler at run time:
+`compiler_unavailable_reason()` checks for it and the runner falls back to eager with a one-line notice; so does a
+compilation that fails. Inductor caches the generated C++ on disk (TORCHINDUCTOR_CACHE_DIR, default
+/tmp/torchinductor_$USER), which a second start reuses; tracing the model (most of the warm-up) is redone at every
+start. The eager step is the slow twin (tests/test_compiled_decode.py).
+
+Shape legend: S decode sequences of the step, W block-table width (blocks of its longest context), V vocab.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import time
+import weakref
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..model import PagedAttention, Transformer
+from ..model.layers import MLP
+from ..model.moe import ExpertGroup
+
+_MODULES: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()  # handle -> module
+_SEALED_MODELS = 0  # models sealed in this process (part of each handle, see seal)
+
+
+# Registered with torch.library.Library rather than the custom_op decorator: the decorator's wrapper costs ~30 us
+# a call on the CPU against ~13 us here, and these run ~30 times a token.
+_LIB = torch.library.Library("dsv2", "DEF")
+_LIB.define("matrix_module(Tensor x, int handle, int out_features) -> Tensor")
+_LIB.define("routed_experts(Tensor x, Tensor weights, Tensor idx, int handle) -> Tensor")
+
+
+def _matrix_module(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """x [..., K] -> the sealed module's output [..., out_features], computed eagerly by the module."""
+    return _MODULES[handle](x)
+
+
+def _routed_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, handle: int) -> torch.Tensor:
+    """x [T, H], weights/idx [T, K] -> the sealed ExpertGroup's output [T, H] (its own grouping, eagerly)."""
+    return _MODULES[handle](x, weights, idx)
+
+
+_LIB.impl("matrix_module", _matrix_module, "CompositeExplicitAutograd")
+_LIB.impl("routed_experts", _routed_experts, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("dsv2::matrix_module")
+def _(x, handle, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.register_fake("dsv2::routed_experts")
+def _(x, weights, idx, handle):
+    return torch.empty_like(x)
+
+
+class Sealed(nn.Module):
+    """A matrix module that torch.compile sees as one opaque operator. Attributes not its own read through to the
+    wrapped module (`sealed.weight`, `sealed.out_features`), so code that inspects the model still works."""
+
+    def __init__(self, inner: nn.Module, handle: int, out_features: int | None):
+        super().__init__()
+        self.inner, self.handle, self.out_features_or_same = inner, handle, out_features
+        _MODULES[handle] = inner
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return self.inner(x, *args)
+        if isinstance(self.inner, ExpertGroup):
+            weights, idx = args[:2]
+            if len(args) > 2 and args[2] is not None:
+                raise RuntimeError("token dropping is a training feature; a sealed model only runs inference")
+            return torch.ops.dsv2.routed_experts(x, weights, idx, self.handle)
+        out = x.shape[-1] if self.out_features_or_same is None else self.out_features_or_same
+        return torch.ops.dsv2.matrix_module(x, self.handle, out)
+
+
+def _matrix_kind(module: nn.Module) -> tuple[bool, int | None] | None:
+    """(True, out_features) for a linear-like module, (True, None) for one whose output is as wide as its input
+    (an MLP, routed experts); None for a module that is not a matrix module."""
+    if isinstance(module, ExpertGroup):
+        return True, None
+    if isinstance(module, MLP) or type(module).__name__.endswith("MLP"):  # MLP, PackedMLP, Int8MLP, Int4MLP, ...
+        return True, None
+    out = getattr(module, "out_features", None)
+    if isinstance(module, nn.Linear) or (isinstance(out, int) and type(module).__name__.endswith("Linear")):
+        return True, out
+    return None
+
+
+def seal(model: Transformer) -> Transformer:
+    """Wrap, in place, every matrix module of `model` (the outermost one where they nest) in Sealed; returns the
+    model. Handles are (model number in this process, module index): the same model gets the same handles in every
+    process, so Inductor's on-disk cache recognises its graph."""
+    global _SEALED_MODELS
+    if any(isinstance(m, Sealed) for m in model.modules()):
+        return model
+    base, index = _SEALED_MODELS << 20, 0
+    _SEALED_MODELS += 1
+
+    def visit(parent: nn.Module) -> None:
+        nonlocal index
+        for name, child in list(parent.named_children()):
+            kind = _matrix_kind(child)
+            if kind is None:
+                visit(child)
+                continue
+            setattr(parent, name, Sealed(child, base + index, kind[1]))
+            index += 1
+    visit(model)
+    return model
+
+
+def compiler_unavailable_reason() -> str | None:
+    """Why torch.compile cannot build CPU code here (Inductor compiles C++ at run time); None when it can."""
+    cxx = os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None and shutil.which("c++") is None and shutil.which("clang++") is None:
+        return f"no C++ compiler found ({cxx}, c++ or clang++ on PATH); install g++ or set CXX"
+    try:
+        import torch._inductor  # noqa: F401
+    except Exception as e:  # a torch build without Inductor
+        return f"torch.compile's Inductor is unavailable ({type(e).__name__}: {e})"
+    return None
+
+
+class CompiledDecode:
+    """Decode-only steps of a runner through one compiled forward over exact shapes: rows [S, 3 + W] int32 hold
+    each sequence's [token | position | context length | block table], W the blocks of the step's longest context
+    (at least 2, so Dynamo never specialises it). The forward is the static-shape decode (runner.static_decode) --
+    the same function CUDA graphs capture -- compiled with dynamic shapes."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        seal(runner.model)
+        # cpp_wrapper: the compiled graph's own driver in C++ too (a Python one costs ~1 ms a step here)
+        self.compiled = torch.compile(functools.partial(static_decode, runner), dynamic=True, fullgraph=True,
+                                      options={"cpp_wrapper": True})
+        self.compile_s = 0.0  # seconds spent in steps that compiled (first use of each specialisation)
+        self._seen: set[bool] = set()  # batch == 1, batch > 1: the two specialisations
+        self.failed: str | None = None
+
+    def takes(self, step) -> bool:
+        return step.num_decode == len(step.starts) > 0 and not step.prompt_rows
+
+    def rows(self, step) -> np.ndarray:
+        S, W = len(step.starts), max(2, max(len(t) for t in step.block_tables))
+        rows = np.zeros((S, 3 + W), dtype=np.int32)
+        rows[:, 0], rows[:, 1], rows[:, 2] = step.token_ids, step.starts, np.add(step.starts, 1)
+        for i, t in enumerate(step.block_tables):
+            rows[i, 3:3 + len(t)] = t  # entries past a context are masked (any valid block id)
+        return rows
+
+    def run(self, step):
+        """The step's logits, or None when compiling failed (the caller runs the step eagerly, and should drop this
+        object: `failed` says why)."""
+        from .runner import StepLogits
+        rows = torch.from_numpy(self.rows(step)).to(self.runner.device)
+        single = rows.shape[0] == 1
+        if single in self._seen:
+            logits = self.compiled(rows)
+        else:  # this call compiles: time it, and fall back to eager if it cannot
+            t0 = time.perf_counter()
+            try:
+                logits = self.compiled(rows)
+            except Exception as e:  # compilation raises before the step runs: the cache is untouched
+                self.failed = f"compiling the decode step failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+                return None
+            self._seen.add(single)
+            self.compile_s += time.perf_counter() - t0
+        logits = logits[step.logits_indices]
+        return StepLogits(sample=logits[step.sample_rows], prompt={})
+
+
+def static_decode(runner, rows: torch.Tensor) -> torch.Tensor:
+    """One decode step from a rows tensor alone [S, 3 + W] int32 ([token | position | context length | block
+    table]) -> logits [S, V]: slots and attention metadata are derived on the device, so nothing depends on host
+    values (a CUDA graph can hold it; torch.compile sees one graph)."""
+    bs = runner.block_size
+    tokens, positions, lens, tables = rows[:, 0].long(), rows[:, 1].long(), rows[:, 2], rows[:, 3:]
+    slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs  # [S]
+    attn = PagedAttention(kv_caches=runner.kv_caches, slot_mapping=slots, seq_slots=[], query_ranges=[],
+                          num_decode=rows.shape[0], fp8=runner.fp8, block_tables=tables, context_lens=lens)
+    return runner.model(tokens, positions, attn=attn)
+
+
+def unsupported_reason(model: Transformer, device: torch.device) -> str | None:
+    """Why the decode step of this model cannot be compiled here; None if it can."""
+    if device.type != "cpu":
+        return "the compiled decode step is the CPU path (CUDA decode uses CUDA graphs)"
+    if model.config.rope_type == "dynamic":
+        return "dynamic NTK rope reads each step's context lengths on the host"
+    return compiler_unavailable_reason()
+
+
+def notice(reason: str) -> None:
+    print(f"dsv2: decode runs eagerly ({reason})", file=sys.stderr)

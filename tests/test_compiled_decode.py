@@ -1,0 +1,142 @@
+"""The compiled CPU decode step (engine/compiled.py) against its slow twin, the eager step: logits at every
+teacher-forced position for one sequence and for several decoding together (the two compiled specialisations),
+with contexts crossing blocks; with int8 weights and with the FP8 latent cache; greedy generation through LLM. Also:
+sealing leaves the eager model's output bit for bit; without a C++ compiler, or when compiling fails, decode runs
+eagerly and says why."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY, make_llm_dir
+from dsv2.capability import inference_plan
+from dsv2.config import ModelConfig
+from dsv2.engine import compiled as compiled_mod
+from dsv2.engine.compiled import Sealed, compiler_unavailable_reason, seal, unsupported_reason
+from dsv2.engine.runner import ModelRunner, StepInputs
+from dsv2.model import build_model
+from dsv2.model.inference import prepare_for_inference, quantize_int8
+from dsv2.model.moe import ExpertGroup
+
+needs_compiler = pytest.mark.skipif(compiler_unavailable_reason() is not None,
+                                    reason=f"torch.compile cannot build CPU code here: {compiler_unavailable_reason()}")
+
+CFG = ModelConfig.from_dict({**TINY, "rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 64}})
+
+
+def tiny_model(dtype=torch.float32):
+    model = build_model(CFG, dtype=dtype, seed=0)
+    model.init_weights(std=0.08)  # wide enough that attention and routing are far from uniform
+    return model.eval().requires_grad_(False)
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, CFG.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_twins(model, lengths, forced_tokens=6, kv_cache_dtype="auto", rtol=1e-5, atol=1e-5,
+                 cache_dtype=torch.float32):
+    """Teacher-forced decode of len(lengths) sequences together, eager vs compiled, on the same weights."""
+    ps, forced = prompts(lengths), prompts([forced_tokens] * len(lengths), seed=1)
+    eager = ModelRunner(model, 40, 4, cache_dtype, kv_cache_dtype)
+    fast = ModelRunner(model, 40, 4, cache_dtype, kv_cache_dtype, compile_decode=True)
+    assert fast.compiled is not None
+    for a, b in zip(eager.forced_logits(ps, forced), fast.forced_logits(ps, forced)):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol)
+    assert fast.compiled is not None and fast.compiled.failed is None  # every decode step ran compiled
+    assert fast.compiled.compile_s > 0
+    return fast
+
+
+@needs_compiler
+def test_compiled_decode_equals_the_eager_step():
+    """One sequence, then three of different lengths (contexts 5..25 over blocks of 4): both specialisations."""
+    model = tiny_model()
+    fast = assert_twins(model, [9])
+    assert fast.compiled._seen == {True}
+    fast = assert_twins(model, [5, 18, 11], forced_tokens=8)
+    assert fast.compiled._seen == {False}
+
+
+@needs_compiler
+def test_compiled_decode_with_int8_weights_and_the_fp8_cache():
+    assert_twins(quantize_int8(tiny_model(), kernel=False), [6, 13])
+    assert_twins(tiny_model(), [7, 12], kv_cache_dtype="fp8")
+
+
+@needs_compiler
+def test_compiled_decode_on_this_cpus_default_weights():
+    """The plan `dtype="auto"` picks here (oneDNN-prepacked bf16 on AVX-512, bf16 weights computed in fp32 on AVX2,
+    ...): the compiled graph fuses the elementwise work in fp32 where eager rounds each op to bf16, so the twins
+    agree to bf16 rounding: seen 0.023 at most on logits spanning ~4 (packed bf16, AVX-512)."""
+    plan = inference_plan("cpu", "auto")
+    model = build_model(CFG, dtype=plan.weight_dtype, seed=0)
+    model.init_weights(std=0.08)
+    assert_twins(prepare_for_inference(model, plan), [7, 12], rtol=0, atol=0.05, cache_dtype=plan.cache_dtype)
+
+
+@needs_compiler
+def test_llm_with_compile_decode_generates_what_eager_generates(tmp_path):
+    from dsv2 import LLM, SamplingParams
+    path = make_llm_dir(tmp_path / "m")
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    texts = ["def read(path):", "import os\n", "class A:"]
+    outs = {}
+    for compile_decode in (False, True):
+        llm = LLM(path, dtype="float32", compile_decode=compile_decode, kv_cache_memory="8MiB")
+        assert llm.warm_up() >= 0
+        assert (llm.runner.compiled is not None) == compile_decode
+        outs[compile_decode] = [o.outputs[0].token_ids for o in llm.generate(texts, greedy)]
+        outs[compile_decode].append(llm.generate(texts[0], greedy)[0].outputs[0].token_ids)  # alone: batch 1
+    assert outs[True] == outs[False]
+
+
+def test_sealing_keeps_the_eager_output_and_reads_through():
+    model = tiny_model()
+    ids = torch.tensor([prompts([12])[0]])
+    before = model(ids)
+    lm_head = model.lm_head
+    seal(model)
+    assert isinstance(model.lm_head, Sealed) and model.lm_head.inner is lm_head
+    assert model.lm_head.weight is lm_head.weight and model.lm_head.out_features == CFG.vocab_size
+    assert any(isinstance(m, ExpertGroup) for m in model.modules())  # still found by whoever looks for them
+    assert torch.equal(model(ids), before)
+    handles = [m.handle for m in model.modules() if isinstance(m, Sealed)]
+    assert len(handles) == len(set(handles)) and seal(model) is model  # idempotent
+    assert [m.handle for m in model.modules() if isinstance(m, Sealed)] == handles
+
+
+def test_without_a_compiler_decode_stays_eager_and_says_why(monkeypatch, capsys):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    reason = compiler_unavailable_reason()
+    assert reason is not None and "C++ compiler" in reason
+    runner = ModelRunner(tiny_model(), 40, 4, torch.float32, compile_decode=True)
+    assert runner.compiled is None
+    assert "decode runs eagerly (no C++ compiler" in capsys.readouterr().err
+
+
+def test_a_compilation_that_fails_falls_back_to_eager(capsys):
+    model = tiny_model()
+    ps, forced = prompts([6, 9]), prompts([3, 3], seed=1)
+    want = ModelRunner(model, 40, 4, torch.float32).forced_logits(ps, forced)
+    runner = ModelRunner(model, 40, 4, torch.float32)
+    runner.compiled = compiled_mod.CompiledDecode.__new__(compiled_mod.CompiledDecode)
+    runner.compiled.__dict__.update(runner=runner, compile_s=0.0, _seen=set(), failed=None)
+
+    def broken(rows):
+        raise RuntimeError("no luck\nsecond line")
+    runner.compiled.compiled = broken
+    for a, b in zip(want, runner.forced_logits(ps, forced)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert runner.compiled is None
+    assert "compiling the decode step failed: RuntimeError: no luck" in capsys.readouterr().err
+
+
+def test_what_cannot_be_compiled_says_why():
+    dynamic = ModelConfig.from_dict({**TINY, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    assert "dynamic NTK" in unsupported_reason(build_model(dynamic, seed=0), torch.device("cpu"))
+    assert "CPU path" in unsupported_reason(tiny_model(), torch.device("meta"))
