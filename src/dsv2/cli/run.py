@@ -42,10 +42,16 @@ def _model_args(p) -> None:
                         "with a scale per 128 values and bf16 rope keys (656 B/token/layer for V2 vs 1,152: ~1.75x "
                         "the tokens in the same memory)")
     p.add_argument("--compile", action="store_true",
-                   help="CPU: run decode steps as one torch.compile'd graph (fused operators, the matrix kernels "
-                        "unchanged; 1.3-1.5x the eager decode rate measured here). The first start compiles for "
-                        "tens of seconds before the first token; the result is cached in ~/.cache/dsv2/inductor for "
-                        "later starts. Needs a C++ compiler (g++); without one decode stays eager, with a notice")
+                   help="CPU: run decode steps as one torch.compile'd graph (fused operators around the matrix "
+                        "kernels: 1.2-1.9x the eager decode rate measured here). Compiling takes tens of seconds to "
+                        "minutes before the first token. Needs a C++ compiler (g++); without one decode stays "
+                        "eager, with a notice")
+    p.add_argument("--no-weight-packing", dest="cpu_weight_packing", action="store_const", const=False,
+                   default=None,
+                   help="CPU: keep bf16 weights in their plain layout instead of oneDNN's blocked one. With "
+                        "--compile, single-sequence decode then runs matrix-vector code the compiler generates "
+                        "(the fastest one-stream decode: 1.7x packed on the benchmark model) at the cost of prefill "
+                        "and batched decode (~0.6x)")
 
 
 def _sampling_args(p) -> None:
@@ -102,7 +108,8 @@ def _llm(args, **extra):
     from ..engine.llm import LLM
     return LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                max_model_len=args.max_model_len, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-               tensor_parallel_size=args.tensor_parallel_size, compile_decode=args.compile, **extra)
+               tensor_parallel_size=args.tensor_parallel_size, compile_decode=args.compile,
+               cpu_weight_packing=args.cpu_weight_packing, **extra)
 
 
 def _params(args, llm):

@@ -83,7 +83,7 @@ def run_serve(args) -> int:
     with LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, quantization=args.quantization,
              kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
-             compile_decode=args.compile) as llm:
+             compile_decode=args.compile, cpu_weight_packing=args.cpu_weight_packing) as llm:
         if args.compile:
             print(f"dsv2 serve: decode compiled in {llm.warm_up():.1f} s", file=sys.stderr)
         run_server(llm, config, host=args.host, port=args.port, grace=args.shutdown_grace, log_level=args.log_level)

@@ -64,11 +64,13 @@ class LLM:
     and then exits the process instead of returning.
     enforce_eager: on CUDA, decode-only steps replay CUDA graphs captured per batch-size bucket (at a bucket's
     first use) unless True; CPU and tensor-parallel runs are eager unless compile_decode.
-    compile_decode (CPU): decode-only steps run as one torch.compile'd graph with the matrix kernels kept opaque
-    (engine/compiled.py): fewer, fused operator calls per token. The first decode step of one sequence and the
-    first of several each compile (tens of seconds; warm_up() does both up front); Inductor caches the result on
-    disk (~/.cache/dsv2/inductor), so later starts are quicker. Needs a C++ compiler: without one, or with
-    enforce_eager=True, decode stays eager (a notice says why).
+    compile_decode (CPU): decode-only steps run as one torch.compile'd graph (engine/compiled.py): fused operators
+    around the matrix kernels, which stay the plan's own (oneDNN-packed, int8, int4, upcast). With plain weights
+    (cpu_weight_packing=False, or a plan without packing) a single-sequence step also multiplies by the matrices in
+    code the compiler generates -- the fastest single-sequence decode -- while prefill and batched decode are faster
+    on packed weights: choose by workload (BENCHMARKS.md). The first decode step of one sequence and the first of
+    several each compile (tens of seconds to minutes; warm_up() does both up front). Needs a C++ compiler: without
+    one, or with enforce_eager=True, decode stays eager (a notice says why).
     vLLM arguments accepted for compatibility: trust_remote_code (ignored: dsv2 never runs code from a model
     directory), gpu_memory_utilization (a fraction of free GPU memory for the cache), swap_space, tokenizer (a
     directory), seed.
