@@ -137,6 +137,8 @@ def test_without_a_compiler_decode_stays_eager_and_says_why(monkeypatch, capsys)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     reason = compiler_unavailable_reason()
     assert reason is not None and "C++ compiler" in reason
+    from dsv2.cli.info import describe_system
+    assert describe_system("cpu")["compiled_decode"] == {"available": False, "reason": reason}  # dsv2 info --system
     runner = ModelRunner(tiny_model(), 40, 4, torch.float32, compile_decode=True)
     assert runner.compiled is None
     assert "decode runs eagerly (no C++ compiler" in capsys.readouterr().err

@@ -83,6 +83,9 @@ def describe_system(device: str | None = None, dtype: str = "auto", quantization
     if torch.cuda.is_available():
         out["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     out["plan"] = inference_plan(device, dtype, quantization).as_dict()
+    from ..engine.compiled import compiler_unavailable_reason
+    reason = compiler_unavailable_reason()
+    out["compiled_decode"] = {"available": reason is None, "reason": reason or "a C++ compiler and Inductor are here"}
     return out
 
 
@@ -99,7 +102,9 @@ def run_system(args) -> int:
             ("oneDNN bf16", yes("onednn_bf16")),
             ("fast bf16 GEMM", yes("fast_bf16")),
             ("int8 GEMV kernel", yes("int8_gemv")),
-            ("int4 kernel", yes("int4_kernel"))]
+            ("int4 kernel", yes("int4_kernel")),
+            ("compiled decode", ("yes" if d["compiled_decode"]["available"] else "no")
+             + f" (--compile): {d['compiled_decode']['reason']}")]
     if "cuda" in d:
         rows.append(("cuda", ", ".join(d["cuda"])))
     rows.append(("plan", f"{plan['device']}, dtype {args.dtype}"

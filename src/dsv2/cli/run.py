@@ -43,7 +43,7 @@ def _model_args(p) -> None:
                         "the tokens in the same memory)")
     p.add_argument("--compile", action="store_true",
                    help="CPU: run decode steps as one torch.compile'd graph (fused operators around the matrix "
-                        "kernels: 1.2-1.9x the eager decode rate measured here). Compiling takes tens of seconds to "
+                        "kernels: 1.1-2.1x the eager decode rate measured here). Compiling takes tens of seconds to "
                         "minutes before the first token. Needs a C++ compiler (g++); without one decode stays "
                         "eager, with a notice")
     p.add_argument("--no-weight-packing", dest="cpu_weight_packing", action="store_const", const=False,
@@ -51,7 +51,7 @@ def _model_args(p) -> None:
                    help="CPU: keep bf16 weights in their plain layout instead of oneDNN's blocked one. With "
                         "--compile, single-sequence decode then runs matrix-vector code the compiler generates "
                         "(the fastest one-stream decode: 1.7x packed on the benchmark model) at the cost of prefill "
-                        "and batched decode (~0.6x)")
+                        "and batched decode (~0.8x)")
 
 
 def _sampling_args(p) -> None:
