@@ -41,3 +41,18 @@ def test_info_system_shows_the_checked_capability_and_the_kernels_chosen():
         assert (low["plan"]["weights"], low["plan"]["compute_dtype"]) == ("upcast", "float32")
     table = run("--device", "cpu", "--quantization", "int8")
     assert "int8 GEMV kernel" in table and "linear <= 16 rows (decode)" in table and "weights int8" in table
+
+
+def test_only_the_program_exits_early_after_a_process_group_not_main():
+    """A process that left a process group ends through cli.entry without the interpreter's teardown (gloo can
+    abort there); main() called in-process -- tests, notebooks -- must still return to its caller."""
+    code = ("import dsv2.parallel.launch as launch; launch._LEFT = True\n"
+            "from dsv2.cli import main\n"
+            "print('returned', main(['info', '--system', '--json']))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "returned 0" in out
+    code = "import sys, dsv2.parallel.launch as launch; launch._LEFT = True; sys.argv = ['dsv2', 'info', '/no/such/dir']\n" \
+           "import atexit; atexit.register(print, 'teardown ran')\nfrom dsv2.cli import entry; entry()\n"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 1 and "teardown ran" not in p.stdout  # the command's error code, then straight out
+    assert "dsv2 info: error" in p.stderr

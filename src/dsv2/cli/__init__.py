@@ -47,17 +47,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # config / checkpoint / request errors speak for themselves
         print(f"dsv2 {args.command}: error: {e}", file=sys.stderr)
         code = 1
-    from ..parallel.launch import left_a_group
-    if left_a_group():
-        _exit_now(code)
     return code
 
 
+def entry() -> None:
+    """The `dsv2` program (console script and `python -m dsv2.cli`): main(), then the process ends with its code.
+    main() itself returns, so that code calling it in-process (tests, notebooks) carries on."""
+    code = main()
+    from ..parallel.launch import left_a_group
+    if left_a_group():
+        _exit_now(code)
+    sys.exit(code)
+
+
 def _exit_now(code: int) -> None:
-    """Leave without the interpreter's teardown. A rank that took part in a gloo group (torch 2.13) can abort at
-    interpreter exit -- 'terminate called without an active exception', SIGABRT -- even after the group was
-    destroyed at a barrier and every result was written, and torchrun then reports the whole job failed. Everything
-    this process owes is on disk by now (checkpoints and metrics are written and closed); flush the streams and go."""
+    """End the process without the interpreter's teardown, for a process that took part in a process group. A
+    rank that took part in a gloo group (torch 2.13) can abort at interpreter exit -- 'terminate called without an
+    active exception', SIGABRT -- even after the group was destroyed at a barrier and every result was written, and
+    torchrun then reports the whole job failed. Everything the program owes is on disk by now (checkpoints and
+    metrics are written and closed); flush the streams and go."""
     import os
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -68,4 +76,4 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
