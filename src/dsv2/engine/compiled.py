@@ -231,12 +231,8 @@ class CompiledDecode:
         return step.num_decode == len(step.starts) > 0 and not step.prompt_rows
 
     def rows(self, step) -> np.ndarray:
-        S, W = len(step.starts), max(2, max(len(t) for t in step.block_tables))
-        rows = np.zeros((S, 3 + W), dtype=np.int32)
-        rows[:, 0], rows[:, 1], rows[:, 2] = step.token_ids, step.starts, np.add(step.starts, 1)
-        for i, t in enumerate(step.block_tables):
-            rows[i, 3:3 + len(t)] = t  # entries past a context are masked (any valid block id)
-        return rows
+        W = max(2, max(len(t) for t in step.block_tables))
+        return write_decode_rows(np.zeros((len(step.starts), 3 + W), dtype=np.int32), step)
 
     def run(self, step):
         """The step's logits, or None when compiling failed (the caller runs the step eagerly, and should drop this
@@ -257,6 +253,16 @@ class CompiledDecode:
             self.compile_s += time.perf_counter() - t0
         logits = logits[step.logits_indices]
         return StepLogits(sample=logits[step.sample_rows], prompt={})
+
+
+def write_decode_rows(rows: np.ndarray, step) -> np.ndarray:
+    """A decode step's sequences into the first S rows of `rows` [>= S, 3 + W] int32, static_decode's input:
+    [token | position | context length | block table]. Table entries past a context stay as they are (masked)."""
+    S = len(step.starts)
+    rows[:S, 0], rows[:S, 1], rows[:S, 2] = step.token_ids, step.starts, np.add(step.starts, 1)
+    for i, t in enumerate(step.block_tables):
+        rows[i, 3:3 + len(t)] = t
+    return rows
 
 
 def static_decode(runner, rows: torch.Tensor) -> torch.Tensor:

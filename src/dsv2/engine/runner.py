@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..model import PagedAttention, Transformer
 from ..model.mla import DecodeGroup, Fp8Latent
 from ..model.moe import ExpertGroup, Experts
-from .compiled import CompiledDecode, notice, static_decode, unsupported_reason
+from .compiled import CompiledDecode, notice, static_decode, unsupported_reason, write_decode_rows
 from .kv_cache import allocate_kv_cache, cache_row
 from .scheduler import ScheduledSeq
 
@@ -326,10 +326,7 @@ class DecodeGraphs:
         batch = next(b for b in self.buckets if b >= S)
         self.rows[:batch, :3] = (0, 0, 1)  # padding rows: token 0 at position 0 in the spare block
         self.rows[S:batch, 3] = self.spare
-        self.rows[:S, 0], self.rows[:S, 1] = step.token_ids, step.starts
-        self.rows[:S, 2] = np.add(step.starts, 1)
-        for i, t in enumerate(step.block_tables):
-            self.rows[i, 3:3 + len(t)] = t  # entries past a context are never read by the kernel (any valid id)
+        write_decode_rows(self.rows, step)  # table entries past a context are never read by the kernel
         self.runner.staging.send(self.rows[:batch].ravel(), self.inputs[:batch])
         if not self.capture:
             logits = self.forward(batch)
