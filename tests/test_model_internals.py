@@ -1,9 +1,12 @@
 """Fast paths against their slow twins, and the model's construction contracts."""
+import pytest
 import torch
 
 from conftest import TINY, YARN
 from dsv2.config import ModelConfig
 from dsv2.model import build_model
+from dsv2.kernels.cpu_mla import latent_attention_sdpa
+from dsv2.model.mla import latent_attention
 from dsv2.model.rope import rope_freqs
 
 CFG = ModelConfig.from_dict({**TINY, "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
@@ -133,3 +136,28 @@ def test_absorbed_decode_scores_keep_fp32_precision_over_a_long_bf16_context():
         ref = (scores.softmax(-1) @ latent.float())[..., :attn.rank]
     rounding = (ref.bfloat16().float() - ref).abs().max()  # what storing the output in bf16 costs alone
     assert (out - ref).abs().max() <= 2 * rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_latent_attention_matches_its_fp32_twin_with_padding(dtype):
+    """The CPU decode's SDPA form (heads as query positions of one shared key) against the written-out fp32 math, on
+    contexts padded to a common length as the engine batches them: fp32 within 1e-5, bf16 within twice the output's
+    own bf16 rounding. A query whose context is a single position, and fp32 latents under a bf16 query (FP8 caches
+    dequantize to fp32), are in the cases."""
+    torch.manual_seed(0)
+    n, R, W, L = 4, 16, 24, 300
+    q_abs = (torch.randn(3, n, W) * 3).to(dtype)
+    latent = (torch.randn(3, L, W) * 2).to(dtype)
+    pad = torch.arange(L) >= torch.tensor([L, 129, 1])[:, None]  # full, partial, one position
+    ref = latent_attention(q_abs.double(), latent.double(), pad, R, 0.3)
+    for lat in (latent, latent.float()):
+        out = latent_attention_sdpa(q_abs, lat, pad, R, 0.3)
+        assert out.dtype == dtype and out.shape == (3, n, R)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+        else:
+            rounding = (ref.to(dtype).double() - ref).abs().max()
+            assert (out.double() - ref).abs().max() <= 2 * rounding
+    # the one-position context attends only to that position: the output is its value
+    torch.testing.assert_close(latent_attention_sdpa(q_abs, latent, pad, R, 0.3)[2].float(),
+                               latent[2, 0, :R].float().expand(n, R), atol=0, rtol=0)

@@ -22,7 +22,7 @@ IN_PROCESS = os.environ.get("TRITON_INTERPRET") == "1"
 
 from dsv2.config import ModelConfig  # noqa: E402
 from dsv2.kernels.triton_mla import mla_decode, paged_slots  # noqa: E402
-from dsv2.model.mla import MLA, Fp8Latent  # noqa: E402
+from dsv2.model.mla import MLA, Fp8Latent, latent_attention  # noqa: E402
 from conftest import TINY  # noqa: E402
 
 
@@ -65,11 +65,12 @@ def paged_case(lens, heads, rank, rope, dtype, fp8: bool, block_size=16, seed=0,
 
 
 def reference(mla: MLA, q, cache, tables, lens, fmt):
-    """What mla.py computes: gather each context's rows, dequantize once, attend_latent with a padding mask."""
+    """What mla.py computes without the kernel: gather each context's rows, dequantize once, and attend with a padding
+    mask in plain fp32 operations (mla.latent_attention, the slow twin of every fused form)."""
     slots, pad = paged_slots(tables, lens, cache.shape[1])
     rows = cache.view(-1, cache.shape[-1]).index_select(0, slots)
     ctx = (fmt.dequantize(rows) if fmt else rows).view(q.shape[0], pad.shape[1], -1)
-    return mla.attend_latent(q, ctx, pad)
+    return latent_attention(q, ctx, pad, mla.rank, mla.softmax_scale)
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..kernels import cpu_mla
 from ..model import PagedAttention, Transformer
 from ..model.mla import DecodeGroup, Fp8Latent
 from ..model.moe import ExpertGroup, Experts
@@ -141,6 +142,7 @@ class ModelRunner:
         self.table_width = -(-(max_model_len or num_blocks * block_size) // block_size)  # W
         self.graphs = DecodeGraphs(self, min(max_num_seqs, GRAPH_BATCHES[-1]), capture=self.device.type == "cuda") \
             if static else None
+        self._use_decode_kernel: bool | None = None  # see _decode_kernel
         self.compiled = None
         if compile_decode:
             reason = unsupported_reason(model, self.device)
@@ -148,6 +150,15 @@ class ModelRunner:
                 self.compiled = CompiledDecode(self)
             else:
                 notice(reason)
+
+    def _decode_kernel(self) -> bool:
+        """Whether eager CPU decode attends through kernels/cpu_mla.py's C++ kernel (built at first use; without
+        it, or with an FP8 cache, decode sequences are gathered into padded groups and attended by SDPA)."""
+        if self._use_decode_kernel is None:
+            self._use_decode_kernel = (self.device.type == "cpu" and self.fp8 is None
+                                       and self.kv_caches[0].dtype in (torch.bfloat16, torch.float32)
+                                       and cpu_mla.decode_kernel() is not None)
+        return self._use_decode_kernel
 
     def _context_slots(self, block_table: list[int], length: int) -> torch.Tensor:
         """Cache slots of positions 0..length-1: block_table[p // bs] * bs + p % bs."""
@@ -221,11 +232,18 @@ class ModelRunner:
             seq_slots.append(slots)
             ranges.append((first, first + n))
             first += n
-        dev = self.device
+        dev, D = self.device, step.num_decode
+        tables = lens = None
+        if D and self._decode_kernel():  # the CPU kernel reads each decode context through its block table
+            tables = torch.zeros(D, max(len(t) for t in step.block_tables[:D]), dtype=torch.int32)
+            for i, t in enumerate(step.block_tables[:D]):
+                tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+            lens = torch.tensor(step.starts[:D], dtype=torch.int32) + 1
         attn = PagedAttention(
             kv_caches=self.kv_caches, slot_mapping=torch.cat(slot_mapping).to(dev),
-            seq_slots=[s.to(dev) for s in seq_slots], query_ranges=ranges, num_decode=step.num_decode,
-            decode_groups=self._decode_groups(seq_slots[:step.num_decode]), fp8=self.fp8)
+            seq_slots=[s.to(dev) for s in seq_slots], query_ranges=ranges, num_decode=D,
+            decode_groups=self._decode_groups(seq_slots[:D]) if tables is None else [], fp8=self.fp8,
+            block_tables=tables, context_lens=lens)
         logits = self.model(torch.tensor(step.token_ids, device=dev), torch.cat(positions).to(dev), attn=attn,
                             logits_indices=torch.tensor(step.logits_indices, dtype=torch.long, device=dev))
         # logits: [len(logits_indices), V]

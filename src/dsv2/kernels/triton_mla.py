@@ -8,8 +8,9 @@ masked: 1, 2-8 tensor-parallel heads, 16, 128 all work) and one slice of the con
 bf16 where the query and cache are (tensor cores), fp32 otherwise. The FP8 cache layout (model.mla.Fp8Latent) is
 decoded in the kernel: e4m3 codes -> fp16 bits (the same exact trick as mla.e4m3_as_fp16) times the group scale.
 
-The plain twin is MLA.attend_latent over the context gathered with paged_slots (what the model runs where Triton
-is not: CPU, or no triton); tests/test_triton_mla.py compares the two under TRITON_INTERPRET=1.
+The plain twin is mla.latent_attention over the context gathered with paged_slots (where Triton is not, the model
+gathers the same way and attends through SDPA on the CPU); tests/test_triton_mla.py compares kernel and twin under
+TRITON_INTERPRET=1.
 
 Shape legend: B sequences, n heads, R kv_lora_rank, Dr qk_rope_head_dim, NB cache blocks, BS block size,
 W blocks per block-table row, S context splits, G fp8 scale groups.

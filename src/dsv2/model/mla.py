@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels import mla_decode, paged_slots, triton_unavailable_reason
+from ..kernels.cpu_mla import latent_attention_sdpa
 from .layers import RMSNorm
 from .rope import apply_rope
 
@@ -294,19 +295,11 @@ class MLA(nn.Module):
 
     def attend_latent(self, q_abs: torch.Tensor, latent: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         """Single-position queries [..., n, R + Dr] against their contexts' latents [..., L, R + Dr] -> [..., n, R]
-        in q_abs's dtype. pad [..., L] marks context positions to ignore.
-
-        Scores, softmax and the weighted sum run in fp32 whatever the cache dtype: rounding 576-wide dot products to
-        bf16 before the softmax costs ~3 significant bits per score, which prefill's SDPA (fp32 scores) never
-        loses, so decode and prefill would disagree more and more with context length."""
-        latent = latent.float()  # one conversion pass over the gathered context; both products read it
-        # latent @ q^T keeps the big operand in its stored layout (q_abs @ latent^T makes a copy of the latent)
-        scores = (latent @ q_abs.float().transpose(-1, -2)).transpose(-1, -2).mul_(self.softmax_scale)  # [..., n, L]
-        if pad is not None:
-            scores.masked_fill_(pad.unsqueeze(-2), float("-inf"))
-        p = scores.softmax(dim=-1)
-        return (p @ latent)[..., :self.rank].to(q_abs.dtype)  # value = the first R columns of the key; slicing
-        # after, not before, avoids copying the latent into a contiguous [L, R] block
+        in q_abs's dtype. pad [..., L] marks context positions to ignore. On the CPU through SDPA's fused kernel
+        (kernels/cpu_mla.py), elsewhere -- and as its slow twin -- in plain fp32 operations (latent_attention)."""
+        if q_abs.device.type == "cpu":
+            return latent_attention_sdpa(q_abs, latent, pad, self.rank, self.softmax_scale)
+        return latent_attention(q_abs, latent, pad, self.rank, self.softmax_scale)
 
     # ---- engine step over the paged latent cache ---------------------------------------------------------
     def _attend_paged(self, q_nope, q_pe, c_kv, k_pe, attn: PagedAttention) -> torch.Tensor:
@@ -353,9 +346,30 @@ class MLA(nn.Module):
 
     def _attend_tables(self, q_abs, cache, gather, attn: PagedAttention) -> torch.Tensor:
         """Decode over block tables: the Triton kernel reads each context once (dsv2/kernels/triton_mla.py); its
-        twin, and the path without Triton, gathers every slot a table row can name and masks (static shapes)."""
+        twin, and the path without Triton, gathers every slot a table row can name and masks (static shapes) -- on
+        the CPU as one opaque operator (kernels/cpu_mla.py), which compiled decode cannot take apart."""
         if triton_unavailable_reason(q_abs.device) is None:
             return mla_decode(q_abs, cache, attn.block_tables, attn.context_lens, self.rank, self.softmax_scale,
                               attn.fp8)
+        if q_abs.device.type == "cpu" and attn.fp8 is None:
+            return torch.ops.dsv2.paged_latent_attention(q_abs, cache, attn.block_tables, attn.context_lens,
+                                                         self.rank, self.softmax_scale)
         slots, pad = paged_slots(attn.block_tables, attn.context_lens, cache.shape[1])
         return self.attend_latent(q_abs, gather(slots).view(*pad.shape, -1), pad)  # [D, n, R]
+
+
+def latent_attention(q_abs: torch.Tensor, latent: torch.Tensor, pad: torch.Tensor | None, rank: int,
+                     scale: float) -> torch.Tensor:
+    """Absorbed attention written out: queries [..., n, R + Dr], latents [..., L, R + Dr], pad [..., L] (True:
+    ignore) -> o_lat [..., n, R] in q_abs's dtype. The value of a position is the first R columns of its key.
+
+    Scores, softmax and the weighted sum run in fp32 whatever the cache dtype: rounding 576-wide dot products to
+    bf16 before the softmax costs ~3 significant bits per score, which prefill's SDPA (fp32 scores) never loses, so
+    decode and prefill would disagree more and more with context length."""
+    latent = latent.float()  # one conversion pass over the gathered context; both products read it
+    # latent @ q^T keeps the big operand in its stored layout (q_abs @ latent^T makes a copy of the latent)
+    scores = (latent @ q_abs.float().transpose(-1, -2)).transpose(-1, -2).mul_(scale)  # [..., n, L]
+    if pad is not None:
+        scores.masked_fill_(pad.unsqueeze(-2), float("-inf"))
+    p = scores.softmax(dim=-1)
+    return (p @ latent)[..., :rank].to(q_abs.dtype)  # slicing after, not before, avoids copying the latent

@@ -1,0 +1,208 @@
+"""Absorbed MLA decode on the CPU: over the paged cache by a small C++ kernel built at first use
+(mla_decode_cpu.cpp), or through SDPA's fused CPU kernel where it cannot be built; as one opaque operator
+(dsv2::paged_latent_attention) for compiled decode.
+
+The C++ kernel (flash-decoding: each sequence's context in several ranges of blocks across the threads, an online
+softmax per range, a combine) reads each cached row once, in place through the block table, converts it to fp32 and
+serves every head from L1: ~3x SDPA's time at 4,096 tokens of context (BENCHMARKS.md). It is compiled with the C++
+compiler torch.compile already needs (g++ / CXX), for the vector ISA torch runs with (AVX-512, AVX2 or the compiler's
+default; `-mcpu=native` elsewhere), and cached under ~/.cache/dsv2/kernels by a hash of source, compiler and flags.
+All of it fp32 past the loads, like the slow twin model.mla.latent_attention.
+
+SDPA's form, where the kernel is not built or the cache is neither bf16 nor fp32:
+One query per sequence attends in the latent space: the n heads of a sequence become n query positions of a single
+head (multi-query attention with one shared key), and the latent row is both key and value (the value is its first
+R columns), so SDPA's flash kernel reads the context in its stored dtype, block by block, with no fp32 copy. Its
+scores and softmax are fp32 (bf16 products summed in fp32); the weights meet the values rounded to the input dtype,
+as in flash attention, which keeps the error at the size of the output's own rounding to bf16. The slow twin is
+model.mla.latent_attention (tests/test_model_internals.py, tests/test_compiled_decode.py).
+
+Shape legend: B sequences, n heads, L context positions, R kv_lora_rank, Dr qk_rope_head_dim, NB cache blocks,
+BS block size, W blocks per block-table row.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .triton_mla import paged_slots
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mla_decode_cpu.cpp")
+
+
+def latent_attention_sdpa(q_abs: torch.Tensor, latent: torch.Tensor, pad: torch.Tensor | None, rank: int,
+                          scale: float) -> torch.Tensor:
+    """Queries [..., n, R + Dr] against latents [..., L, R + Dr], pad [..., L] (True: ignore) -> o_lat [..., n, R]
+    in q_abs's dtype. A latent of another dtype than the query (FP8 caches dequantize to fp32) runs in fp32."""
+    dtype = q_abs.dtype if latent.dtype == q_abs.dtype else torch.float32
+    lead, n, L = q_abs.shape[:-2], q_abs.shape[-2], latent.shape[-2]
+    q = q_abs.to(dtype).reshape(-1, 1, n, q_abs.shape[-1])  # [B, 1 head, n "positions", R + Dr]
+    kv = latent.to(dtype).reshape(-1, 1, L, latent.shape[-1])  # [B, 1, L, R + Dr]
+    mask = None if pad is None else ~pad.reshape(-1, 1, 1, L)  # True: attend
+    out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)  # [B, 1, n, R + Dr]
+    return out[:, 0, :, :rank].reshape(*lead, n, rank).to(q_abs.dtype)
+
+
+def paged_latent_attention(q_abs: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
+    """Decode over block tables, q_abs [B, n, R + Dr], cache [NB, BS, R + Dr] (as stored, not FP8), block_tables
+    [B, W], context_lens [B] -> o_lat [B, n, R] in q_abs's dtype, contiguous. The C++ kernel where it is built and
+    the cache is bf16 or fp32; else every slot a table row can name is gathered (static shapes, masked past each
+    context) and attended by latent_attention_sdpa. Compiled decode calls this as the opaque operator
+    dsv2::paged_latent_attention: traced, the SDPA form copies the gathered context once for the key and once for
+    the value and builds its mask in a separate pass."""
+    kernel = decode_kernel() if cache.device.type == "cpu" and cache.dtype in (torch.bfloat16, torch.float32) else None
+    if kernel is not None:
+        return mla_decode_cpu(kernel, q_abs, cache, block_tables, context_lens, rank, scale)
+    slots, pad = paged_slots(block_tables, context_lens, cache.shape[1])
+    latent = cache.view(-1, cache.shape[-1]).index_select(0, slots).view(*pad.shape, -1)  # [B, W * BS, R + Dr]
+    return latent_attention_sdpa(q_abs, latent, pad, rank, scale).contiguous()  # the layout the fake promises
+
+
+def splits_for(batch: int, blocks: int) -> int:
+    """Ranges of blocks per sequence: enough work items for every thread about twice, each of a few blocks."""
+    return max(1, min(-(-2 * torch.get_num_threads() // batch), blocks // 4 or 1))
+
+
+def mla_decode_cpu(kernel, q_abs: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                   context_lens: torch.Tensor, rank: int, scale: float, splits: int | None = None) -> torch.Tensor:
+    """The C++ kernel's call (see paged_latent_attention for the shapes); `splits` ranges per sequence."""
+    B, n, D = q_abs.shape
+    W, BS = block_tables.shape[1], cache.shape[1]
+    if cache.shape[-1] != D or not cache.is_contiguous():
+        raise ValueError(f"cache {tuple(cache.shape)} (contiguous: {cache.is_contiguous()}) does not hold {D}-wide rows")
+    splits = splits or splits_for(B, W)
+    q = q_abs.float().contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    out = torch.empty(B, n, rank)
+    work = torch.empty(B * splits * n * (rank + 2))
+    status = kernel(q.data_ptr(), cache.data_ptr(), int(cache.dtype == torch.bfloat16), tables.data_ptr(),
+                    lens.data_ptr(), out.data_ptr(), work.data_ptr(), B, n, D, rank, BS, W, splits, float(scale))
+    if status != 0:
+        raise ValueError(f"dsv2_mla_decode rejected its shapes (B={B}, n={n}, D={D}, R={rank}, BS={BS}, W={W})")
+    return out.to(q_abs.dtype)
+
+
+# ---- building the kernel -------------------------------------------------------------------------------------
+_BUILD_LOCK = threading.Lock()
+_UNAVAILABLE: list[str] = []  # why the kernel could not be built, once tried
+
+
+def arch_flags() -> list[str]:
+    """Compiler flags for the vector ISA torch runs with here (so ATEN_CPU_CAPABILITY=avx2 / DSV2_CPU_CAPABILITY
+    builds the AVX2 kernel an AVX2 machine gets)."""
+    from ..capability import cpu_capability
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        level = cpu_capability().level
+        if level == "avx512":
+            return ["-march=native", "-mprefer-vector-width=512"]
+        if level == "avx2":
+            return ["-mavx2", "-mfma", "-mf16c"]
+        return []
+    if machine in ("aarch64", "arm64"):
+        return ["-mcpu=native"]
+    return []
+
+
+def compiler() -> str | None:
+    for cxx in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if cxx and shutil.which(cxx):
+            return cxx
+    return None
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dsv2", "kernels")
+
+
+def decode_kernel():
+    """The built kernel's function (ctypes), or None when it cannot be built here (`unavailable_reason()` says
+    why). Built once per process and machine kind; a failed build is not retried in the process."""
+    if _UNAVAILABLE:
+        return None
+    return _load()
+
+
+def unavailable_reason() -> str | None:
+    """Why the CPU decode kernel is not used here (None: it is, or has not been tried yet and builds)."""
+    return _UNAVAILABLE[0] if _UNAVAILABLE or _load() is None else None
+
+
+@functools.cache
+def _load():
+    with _BUILD_LOCK:
+        try:
+            path = _build()
+        except Exception as e:  # no compiler, a failed build: the SDPA form serves
+            _UNAVAILABLE.append(str(e))
+            print(f"dsv2: CPU decode attention runs through SDPA, ~2x slower at long contexts ({e})", file=sys.stderr)
+            return None
+        fn = ctypes.CDLL(path).dsv2_mla_decode
+        ptr, i32 = ctypes.c_void_p, ctypes.c_int
+        fn.argtypes = [ptr, ptr, i32, ptr, ptr, ptr, ptr] + [i32] * 7 + [ctypes.c_float]
+        fn.restype = i32
+        return fn
+
+
+def _build() -> str:
+    if os.environ.get("DSV2_NO_CPU_KERNELS"):
+        raise RuntimeError("DSV2_NO_CPU_KERNELS is set")
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (CXX, g++, c++ or clang++ on PATH)")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    for flags in (arch_flags(), []):  # the ISA's flags, then the compiler's defaults
+        cmd = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *flags]
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+        key = hashlib.sha256(source + " ".join(cmd).encode() + version.encode() + platform.machine().encode()
+                             + _cpu_model().encode()).hexdigest()[:20]
+        path = os.path.join(cache_dir(), f"mla_decode_cpu-{key}.so")
+        if os.path.exists(path):
+            return path
+        os.makedirs(cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+        os.close(fd)
+        p = subprocess.run([*cmd, SOURCE, "-o", tmp], capture_output=True, text=True)
+        if p.returncode == 0:
+            os.replace(tmp, path)  # atomic: another process sees the whole library or none
+            return path
+        os.unlink(tmp)
+        error = p.stderr.strip().splitlines()[-1:] or [f"exit code {p.returncode}"]
+    raise RuntimeError(f"building {os.path.basename(SOURCE)} failed: {error[0]}")
+
+
+def _cpu_model() -> str:
+    """The CPU's model and flags (-march=native builds for exactly this kind of CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = [line for line in f if line.startswith(("model name", "flags", "Features"))][:2]
+        return "".join(info)
+    except OSError:
+        return platform.processor()
+
+
+# Registered with torch.library.Library (not the custom_op decorator, whose wrapper costs ~2x per call).
+_LIB = torch.library.Library("dsv2", "FRAGMENT")
+_LIB.define("paged_latent_attention(Tensor q_abs, Tensor cache, Tensor block_tables, Tensor context_lens, int rank, "
+            "float scale) -> Tensor")
+_LIB.impl("paged_latent_attention", paged_latent_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("dsv2::paged_latent_attention")
+def _(q_abs, cache, block_tables, context_lens, rank, scale):
+    return q_abs.new_empty(*q_abs.shape[:-1], rank)

@@ -1,0 +1,196 @@
+// Absorbed MLA decode over the paged latent cache, for the CPU (flash-decoding: split-KV + a combine).
+//
+// One query per sequence attends to its whole context in the latent space: for head h and context position t,
+//   score[h, t] = scale * (q[h] . latent[t])          (the whole R + Dr row: q_lat . c_kv + q_pe . k_pe)
+//   o_lat[h]    = sum_t softmax_t(score[h, :]) * latent[t, :R]
+// Every head reads the same latent row, so each row is converted to fp32 once (in blocks of the cache's block
+// size) and serves all heads from L1. A sequence's context is cut into `splits` ranges of blocks, each an OpenMP
+// work item with its own running max / sum / unnormalised output (online softmax per block); a second loop
+// combines the ranges. Everything past the loads is fp32, as in the plain twin (dsv2.model.mla.latent_attention).
+//
+// Portable C++: the loops over R and R + Dr are written for the compiler to vectorise (-O3 with the build machine's
+// vector ISA, see cpu_mla.py); the OpenMP runtime is the one torch already loaded (libgomp.so.1).
+//
+// Shapes: q [B, n, D] fp32, cache [NB, BS, D] (bf16 or fp32), tables [B, W] int32, lens [B] int32,
+// out [B, n, R] fp32, work [B, splits, n, R + 2] fp32 scratch. D = R + Dr.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// e^x for x <= 0 (softmax weights), within ~2 ulp of expf, in plain arithmetic the compiler vectorises (a call to
+// expf per weight does not, and costs more than the rest of the kernel): x = k ln2 + r with |r| <= ln2 / 2, e^r by
+// Cephes' degree-6 polynomial, 2^k written into the exponent bits. Below -87.3 (e^x < 2^-126) it returns 0.
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.3f);
+  const float k = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  const float r = clamped - k * 0.693359375f + k * 2.12194440e-4f;  // ln2 in two parts: exact k * hi
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.3f ? 0.0f : y * scale;
+}
+
+// Rows [rows, D] of the cache block into fp32 dst [rows, D].
+void load_rows(const void* cache, bool bf16, int64_t first_row, int rows, int D, float* dst) {
+  if (bf16) {
+    const uint16_t* src = static_cast<const uint16_t*>(cache) + first_row * D;
+    const int64_t count = static_cast<int64_t>(rows) * D;
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) dst[i] = bf16_to_float(src[i]);
+  } else {
+    std::memcpy(dst, static_cast<const float*>(cache) + first_row * D, sizeof(float) * rows * D);
+  }
+}
+
+// scores [n, BS] of the block's `valid` rows [valid, D]: four heads at a time, so each row element loaded serves four
+// dot products.
+void block_scores(const float* q, const float* rows, int valid, int n, int D, int BS, float scale, float* scores) {
+  int h = 0;
+  for (; h + 4 <= n; h += 4) {
+    const float *q0 = q + h * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+    for (int t = 0; t < valid; ++t) {
+      const float* row = rows + t * D;
+      float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+      for (int d = 0; d < D; ++d) {
+        d0 += q0[d] * row[d];
+        d1 += q1[d] * row[d];
+        d2 += q2[d] * row[d];
+        d3 += q3[d] * row[d];
+      }
+      scores[h * BS + t] = d0 * scale;
+      scores[(h + 1) * BS + t] = d1 * scale;
+      scores[(h + 2) * BS + t] = d2 * scale;
+      scores[(h + 3) * BS + t] = d3 * scale;
+    }
+  }
+  for (; h < n; ++h) {
+    const float* qh = q + h * D;
+    for (int t = 0; t < valid; ++t) {
+      const float* row = rows + t * D;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int d = 0; d < D; ++d) dot += qh[d] * row[d];
+      scores[h * BS + t] = dot * scale;
+    }
+  }
+}
+
+// One sequence, blocks [block_begin, block_end) of its table: running max m[n], sum l[n], output acc[n, R]
+// (unnormalised), written to part = [n, R + 2] as acc | m | l.
+void attend_range(const float* q, const void* cache, bool bf16, const int32_t* table, int len, int block_begin,
+                  int block_end, int n, int D, int R, int BS, float scale, float* part, float* rows,
+                  float* scores) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> m(n, neg_inf), l(n, 0.0f);
+  float* acc = part;  // [n, R + 2], the first R of each head's row
+  for (int h = 0; h < n; ++h) std::fill(acc + h * (R + 2), acc + h * (R + 2) + R, 0.0f);
+  for (int blk = block_begin; blk < block_end; ++blk) {
+    const int valid = std::min(BS, len - blk * BS);
+    if (valid <= 0) break;
+    load_rows(cache, bf16, static_cast<int64_t>(table[blk]) * BS, valid, D, rows);
+    block_scores(q, rows, valid, n, D, BS, scale, scores);
+    for (int h = 0; h < n; ++h) {
+      float* s = scores + h * BS;
+      float block_max = neg_inf;
+      for (int t = 0; t < valid; ++t) block_max = std::max(block_max, s[t]);
+      const float m_new = std::max(m[h], block_max);
+      const float correction = m[h] == neg_inf ? 0.0f : exp_nonpositive(m[h] - m_new);  // 0 for the first block
+      float* out = acc + h * (R + 2);
+      if (correction != 1.0f) {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) out[r] *= correction;
+      }
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int t = 0; t < valid; ++t) {
+        s[t] = exp_nonpositive(s[t] - m_new);  // the weight, in place of the score
+        sum += s[t];
+      }
+      // out += weights . rows, four rows per pass over out (one load and store of out per four products)
+      int t = 0;
+      for (; t + 4 <= valid; t += 4) {
+        const float *r0 = rows + t * D, *r1 = r0 + D, *r2 = r1 + D, *r3 = r2 + D;
+        const float p0 = s[t], p1 = s[t + 1], p2 = s[t + 2], p3 = s[t + 3];
+#pragma omp simd
+        for (int r = 0; r < R; ++r) out[r] += p0 * r0[r] + p1 * r1[r] + p2 * r2[r] + p3 * r3[r];
+      }
+      for (; t < valid; ++t) {
+        const float p = s[t];
+        const float* row = rows + t * D;
+#pragma omp simd
+        for (int r = 0; r < R; ++r) out[r] += p * row[r];
+      }
+      l[h] = l[h] * correction + sum;
+      m[h] = m_new;
+    }
+  }
+  for (int h = 0; h < n; ++h) {
+    part[h * (R + 2) + R] = m[h];
+    part[h * (R + 2) + R + 1] = l[h];
+  }
+}
+
+}  // namespace
+
+extern "C" int dsv2_mla_decode(const float* q, const void* cache, int cache_is_bf16, const int32_t* tables,
+                               const int32_t* lens, float* out, float* work, int B, int n, int D, int R, int BS,
+                               int W, int splits, float scale) {
+  if (B <= 0 || n <= 0 || R <= 0 || D < R || BS <= 0 || W <= 0 || splits <= 0) return 1;
+  const bool bf16 = cache_is_bf16 != 0;
+  const int per_split = (W + splits - 1) / splits;  // blocks per range
+#pragma omp parallel
+  {
+    std::vector<float> rows(static_cast<size_t>(BS) * D), scores(static_cast<size_t>(n) * BS);
+#pragma omp for schedule(static)
+    for (int item = 0; item < B * splits; ++item) {
+      const int b = item / splits, s = item % splits;
+      const int len = lens[b];
+      const int used_blocks = std::min(W, (len + BS - 1) / BS);
+      const int begin = s * per_split, end = std::min(used_blocks, begin + per_split);
+      float* part = work + static_cast<int64_t>(item) * n * (R + 2);
+      attend_range(q + static_cast<int64_t>(b) * n * D, cache, bf16, tables + static_cast<int64_t>(b) * W, len,
+                   begin, end, n, D, R, BS, scale, part, rows.data(), scores.data());
+    }
+#pragma omp for schedule(static)
+    for (int bh = 0; bh < B * n; ++bh) {
+      const int b = bh / n, h = bh % n;
+      float M = -std::numeric_limits<float>::infinity();
+      for (int s = 0; s < splits; ++s) M = std::max(M, work[((static_cast<int64_t>(b) * splits + s) * n + h) * (R + 2) + R]);
+      float* o = out + static_cast<int64_t>(bh) * R;
+      std::fill(o, o + R, 0.0f);
+      float total = 0.0f;
+      for (int s = 0; s < splits; ++s) {
+        const float* part = work + ((static_cast<int64_t>(b) * splits + s) * n + h) * (R + 2);
+        if (part[R + 1] == 0.0f) continue;  // a range past the context
+        const float w = std::exp(part[R] - M);
+        total += w * part[R + 1];
+#pragma omp simd
+        for (int r = 0; r < R; ++r) o[r] += w * part[r];
+      }
+      const float inv = 1.0f / total;
+#pragma omp simd
+      for (int r = 0; r < R; ++r) o[r] *= inv;
+    }
+  }
+  return 0;
+}
