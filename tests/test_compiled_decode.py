@@ -65,26 +65,6 @@ def test_compiled_decode_equals_the_eager_step():
 
 
 @needs_compiler
-def test_steps_after_both_specialisations_skip_guards_and_stay_twins(monkeypatch):
-    """Once both specialisations exist, steps run with Dynamo's guard evaluation cut to what tells them apart
-    (skip_guard_eval_unsafe): one runner alternating one and three sequences, new contexts each time, against the
-    eager step; and the stance is taken only then."""
-    model = tiny_model()
-    eager = ModelRunner(model, 40, 4, torch.float32)
-    fast = ModelRunner(model, 40, 4, torch.float32, compile_decode=True)
-    stances = []
-    real = torch.compiler.set_stance
-    monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **k: stances.append(k) or real(*a, **k))
-    for round_, lengths in enumerate(([9], [5, 18, 11], [14], [3, 7, 22], [20, 4, 9])):
-        ps, forced = prompts(lengths, seed=round_), prompts([5] * len(lengths), seed=10 + round_)
-        for a, b in zip(eager.forced_logits(ps, forced), fast.forced_logits(ps, forced)):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-        assert bool(stances) is (round_ >= 1)  # from the step after the second compilation, not before
-    assert fast.compiled._seen == {True, False} and fast.compiled.failed is None
-    assert all(k == {"skip_guard_eval_unsafe": True} for k in stances)
-
-
-@needs_compiler
 def test_compiled_decode_with_int8_weights_and_the_fp8_cache():
     assert_twins(quantize_int8(tiny_model(), kernel=False), [6, 13])
     assert_twins(tiny_model(), [7, 12], kv_cache_dtype="fp8")

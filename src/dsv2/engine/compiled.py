@@ -227,11 +227,6 @@ class CompiledDecode:
         self._seen: set[bool] = set()  # batch == 1, batch > 1: the two specialisations
         self.failed: str | None = None
 
-    # Dynamo checks ~1 ms of guards before every call (the model's tensors, the runner's attributes). Once both
-    # specialisations exist, the only guards that matter are those that choose between them (and between the
-    # engines of a process), which is what skip_guard_eval_unsafe keeps: rows is the only input that varies, the
-    # model and caches are fixed for the engine's life, and with batch and table width dynamic nothing else
-    # recompiles (the fp32 sum whose length Inductor guards at 4,096 lies inside the opaque attention operator).
     def takes(self, step) -> bool:
         return step.num_decode == len(step.starts) > 0 and not step.prompt_rows
 
@@ -245,10 +240,7 @@ class CompiledDecode:
         from .runner import StepLogits
         rows = torch.from_numpy(self.rows(step)).to(self.runner.device)
         single = rows.shape[0] == 1
-        if len(self._seen) == 2:  # both specialisations compiled: guards need only tell them apart (see below)
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                logits = self.compiled(rows)
-        elif single in self._seen:
+        if single in self._seen:
             logits = self.compiled(rows)
         else:  # this call compiles: time it, and fall back to eager if it cannot
             t0 = time.perf_counter()
