@@ -4,7 +4,8 @@
 
 The C++ kernel (flash-decoding: each sequence's context in several ranges of blocks across the threads, an online
 softmax per range, a combine) reads each cached row once, in place through the block table, converts it to fp32 and
-serves every head from L1: ~3x SDPA's time at 4,096 tokens of context (BENCHMARKS.md). It is compiled with the C++
+serves every head from L1; on CPUs with AVX-512 BF16 a bf16 model's scores come straight from the stored rows by the
+bf16 dot-product instruction (benchmarks/cpu_attention.py, BENCHMARKS.md). It is compiled with the C++
 compiler torch.compile already needs (g++ / CXX), for the vector ISA torch runs with (AVX-512, AVX2 or the compiler's
 default; `-mcpu=native` elsewhere), and cached under ~/.cache/dsv2/kernels by a hash of source, compiler and flags.
 All of it fp32 past the loads, like the slow twin model.mla.latent_attention.
@@ -88,8 +89,10 @@ def mla_decode_cpu(kernel, q_abs: torch.Tensor, cache: torch.Tensor, block_table
     lens = context_lens.to(torch.int32).contiguous()
     out = torch.empty(B, n, rank)
     work = torch.empty(B * splits * n * (rank + 2))
-    status = kernel(q.data_ptr(), cache.data_ptr(), int(cache.dtype == torch.bfloat16), tables.data_ptr(),
-                    lens.data_ptr(), out.data_ptr(), work.data_ptr(), B, n, D, rank, BS, W, splits, float(scale))
+    q_bf16 = q_abs.contiguous() if q_abs.dtype == torch.bfloat16 else None  # exact bf16 values: scores may use them
+    status = kernel(q.data_ptr(), q_bf16.data_ptr() if q_bf16 is not None else None, cache.data_ptr(),
+                    int(cache.dtype == torch.bfloat16), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
+                    work.data_ptr(), B, n, D, rank, BS, W, splits, float(scale))
     if status != 0:
         raise ValueError(f"dsv2_mla_decode rejected its shapes (B={B}, n={n}, D={D}, R={rank}, BS={BS}, W={W})")
     return out.to(q_abs.dtype)
@@ -153,7 +156,7 @@ def _load():
             return None
         fn = ctypes.CDLL(path).dsv2_mla_decode
         ptr, i32 = ctypes.c_void_p, ctypes.c_int
-        fn.argtypes = [ptr, ptr, i32, ptr, ptr, ptr, ptr] + [i32] * 7 + [ctypes.c_float]
+        fn.argtypes = [ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr] + [i32] * 7 + [ctypes.c_float]
         fn.restype = i32
         return fn
 

@@ -20,6 +20,11 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define DSV2_BF16_DOT 1
+#endif
+
 namespace {
 
 inline float bf16_to_float(uint16_t v) {
@@ -95,10 +100,34 @@ void block_scores(const float* q, const float* rows, int valid, int n, int D, in
   }
 }
 
+#ifdef DSV2_BF16_DOT
+// block_scores from the bf16 query and cache rows as stored, by the CPU's bf16 dot-product instruction (AVX-512 BF16:
+// 32 products a step, summed in fp32; bf16 x bf16 products are exact in fp32, so this is the fp32 arithmetic of
+// block_scores without converting the rows first).
+float dot_bf16(const uint16_t* a, const uint16_t* b, int D) {
+  __m512 acc = _mm512_setzero_ps();
+  int d = 0;
+  for (; d + 32 <= D; d += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
+  if (d < D) {
+    const __mmask32 tail = static_cast<__mmask32>((1ull << (D - d)) - 1);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(tail, a + d),
+                           (__m512bh)_mm512_maskz_loadu_epi16(tail, b + d));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+void block_scores_bf16(const uint16_t* q, const uint16_t* rows, int valid, int n, int D, int BS, float scale,
+                       float* scores) {
+  for (int h = 0; h < n; ++h)
+    for (int t = 0; t < valid; ++t) scores[h * BS + t] = dot_bf16(q + h * D, rows + t * D, D) * scale;
+}
+#endif
+
 // One sequence, blocks [block_begin, block_end) of its table: running max m[n], sum l[n], output acc[n, R]
 // (unnormalised), written to part = [n, R + 2] as acc | m | l.
-void attend_range(const float* q, const void* cache, bool bf16, const int32_t* table, int len, int block_begin,
-                  int block_end, int n, int D, int R, int BS, float scale, float* part, float* rows,
+void attend_range(const float* q, const uint16_t* q_bf16, const void* cache, bool bf16, const int32_t* table, int len,
+                  int block_begin, int block_end, int n, int D, int R, int BS, float scale, float* part, float* rows,
                   float* scores) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   std::vector<float> m(n, neg_inf), l(n, 0.0f);
@@ -107,8 +136,14 @@ void attend_range(const float* q, const void* cache, bool bf16, const int32_t* t
   for (int blk = block_begin; blk < block_end; ++blk) {
     const int valid = std::min(BS, len - blk * BS);
     if (valid <= 0) break;
-    load_rows(cache, bf16, static_cast<int64_t>(table[blk]) * BS, valid, D, rows);
-    block_scores(q, rows, valid, n, D, BS, scale, scores);
+    const int64_t first_row = static_cast<int64_t>(table[blk]) * BS;
+    load_rows(cache, bf16, first_row, valid, D, rows);
+#ifdef DSV2_BF16_DOT
+    if (bf16 && q_bf16 != nullptr)
+      block_scores_bf16(q_bf16, static_cast<const uint16_t*>(cache) + first_row * D, valid, n, D, BS, scale, scores);
+    else
+#endif
+      block_scores(q, rows, valid, n, D, BS, scale, scores);
     for (int h = 0; h < n; ++h) {
       float* s = scores + h * BS;
       float block_max = neg_inf;
@@ -152,7 +187,10 @@ void attend_range(const float* q, const void* cache, bool bf16, const int32_t* t
 
 }  // namespace
 
-extern "C" int dsv2_mla_decode(const float* q, const void* cache, int cache_is_bf16, const int32_t* tables,
+// q_bf16: the same query in bf16 when it is exactly that (a bf16 model), else null; with a bf16 cache and a CPU
+// with AVX-512 BF16 the scores are computed from it and the stored rows directly.
+extern "C" int dsv2_mla_decode(const float* q, const uint16_t* q_bf16, const void* cache, int cache_is_bf16,
+                               const int32_t* tables,
                                const int32_t* lens, float* out, float* work, int B, int n, int D, int R, int BS,
                                int W, int splits, float scale) {
   if (B <= 0 || n <= 0 || R <= 0 || D < R || BS <= 0 || W <= 0 || splits <= 0) return 1;
@@ -168,8 +206,9 @@ extern "C" int dsv2_mla_decode(const float* q, const void* cache, int cache_is_b
       const int used_blocks = std::min(W, (len + BS - 1) / BS);
       const int begin = s * per_split, end = std::min(used_blocks, begin + per_split);
       float* part = work + static_cast<int64_t>(item) * n * (R + 2);
-      attend_range(q + static_cast<int64_t>(b) * n * D, cache, bf16, tables + static_cast<int64_t>(b) * W, len,
-                   begin, end, n, D, R, BS, scale, part, rows.data(), scores.data());
+      attend_range(q + static_cast<int64_t>(b) * n * D, q_bf16 ? q_bf16 + static_cast<int64_t>(b) * n * D : nullptr,
+                   cache, bf16, tables + static_cast<int64_t>(b) * W, len, begin, end, n, D, R, BS, scale, part,
+                   rows.data(), scores.data());
     }
 #pragma omp for schedule(static)
     for (int bh = 0; bh < B * n; ++bh) {
@@ -193,4 +232,13 @@ extern "C" int dsv2_mla_decode(const float* q, const void* cache, int cache_is_b
     }
   }
   return 0;
+}
+
+// Whether this build computes bf16 scores with the CPU's dot-product instruction (for `dsv2 info --system`).
+extern "C" int dsv2_mla_decode_bf16_dot() {
+#ifdef DSV2_BF16_DOT
+  return 1;
+#else
+  return 0;
+#endif
 }
