@@ -27,6 +27,7 @@ def test_info_table_and_errors(tmp_path):
 
 def test_info_system_shows_the_checked_capability_and_the_kernels_chosen():
     from dsv2.capability import cpu_capability
+    from dsv2.kernels import cpu_mla
     env = {**os.environ, "DSV2_CPU_CAPABILITY": "avx2"}
     run = lambda *a, e=None: subprocess.run([sys.executable, "-m", "dsv2.cli", "info", "--system", *a],
                                             capture_output=True, text=True, check=True, env=e).stdout
@@ -39,6 +40,11 @@ def test_info_system_shows_the_checked_capability_and_the_kernels_chosen():
         low = json.loads(run("--json", "--device", "cpu", e=env))
         assert low["cpu"]["level"] == "avx2" and not low["cpu"]["onednn_bf16"]
         assert (low["plan"]["weights"], low["plan"]["compute_dtype"]) == ("upcast", "float32")
+        kernel = low["decode_attention_kernel"]  # the AVX2 build of the decode attention kernel, no bf16 dot
+        assert kernel["available"] and not kernel["bf16_dot"] and "-mavx2" in kernel["reason"], kernel
+    kernel = here["decode_attention_kernel"]
+    assert kernel["available"] is (cpu_mla.decode_kernel() is not None)
+    assert kernel["bf16_dot"] is (kernel["available"] and cap.level == "avx512" and "avx512_bf16" in cap.flags)
     table = run("--device", "cpu", "--quantization", "int8")
     assert "int8 GEMV kernel" in table and "linear <= 16 rows (decode)" in table and "weights int8" in table
 

@@ -86,6 +86,12 @@ def describe_system(device: str | None = None, dtype: str = "auto", quantization
     from ..engine.compiled import compiler_unavailable_reason
     reason = compiler_unavailable_reason()
     out["compiled_decode"] = {"available": reason is None, "reason": reason or "a C++ compiler and Inductor are here"}
+    if device == "cpu":
+        from ..kernels import cpu_mla
+        reason = cpu_mla.unavailable_reason()  # builds the kernel if it is not in the cache yet (~1 s)
+        out["decode_attention_kernel"] = {
+            "available": reason is None, "bf16_dot": reason is None and cpu_mla.bf16_dot(),
+            "reason": reason or f"built with {' '.join(cpu_mla.arch_flags()) or 'the compiler defaults'}"}
     return out
 
 
@@ -105,6 +111,11 @@ def run_system(args) -> int:
             ("int4 kernel", yes("int4_kernel")),
             ("compiled decode", ("yes" if d["compiled_decode"]["available"] else "no")
              + f" (--compile): {d['compiled_decode']['reason']}")]
+    if "decode_attention_kernel" in d:
+        k = d["decode_attention_kernel"]
+        rows.append(("decode attention", (f"C++ kernel, {k['reason']}" + (", bf16 dot-product scores" if k["bf16_dot"]
+                                                                          else "")) if k["available"]
+                     else f"SDPA (the C++ kernel is not built: {k['reason']})"))
     if "cuda" in d:
         rows.append(("cuda", ", ".join(d["cuda"])))
     rows.append(("plan", f"{plan['device']}, dtype {args.dtype}"

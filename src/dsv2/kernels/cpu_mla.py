@@ -145,6 +145,14 @@ def unavailable_reason() -> str | None:
     return _UNAVAILABLE[0] if _UNAVAILABLE or _load() is None else None
 
 
+def bf16_dot() -> bool:
+    """Whether the built kernel computes bf16 scores with the CPU's dot-product instruction (AVX-512 BF16)."""
+    return _load() is not None and bool(ctypes.CDLL(_load_path[0]).dsv2_mla_decode_bf16_dot())
+
+
+_load_path: list[str] = []
+
+
 @functools.cache
 def _load():
     with _BUILD_LOCK:
@@ -154,6 +162,7 @@ def _load():
             _UNAVAILABLE.append(str(e))
             print(f"dsv2: CPU decode attention runs through SDPA, ~2x slower at long contexts ({e})", file=sys.stderr)
             return None
+        _load_path.append(path)
         fn = ctypes.CDLL(path).dsv2_mla_decode
         ptr, i32 = ctypes.c_void_p, ctypes.c_int
         fn.argtypes = [ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr] + [i32] * 7 + [ctypes.c_float]
