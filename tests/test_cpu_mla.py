@@ -67,6 +67,21 @@ def test_kernel_matches_the_fp32_twin(case, dtype):
 
 
 @needs_kernel
+def test_kernel_reads_strided_tables_and_takes_an_fp32_query_over_a_bf16_cache():
+    """Compiled decode hands the kernel views of its input rows ([token | position | length | table] per sequence):
+    tables and lengths are read through their strides. An fp32 query over a bf16 cache (fp32 compute, bf16 cache)
+    takes the fp32 scores and gives an fp32 output."""
+    q, cache, tables, lens = paged_case(3, 6, 64, 16, 8, [19, 1, 40], torch.bfloat16)
+    rows = torch.zeros(3, 3 + tables.shape[1], dtype=torch.int32)
+    rows[:, 2], rows[:, 3:] = lens, tables
+    q32 = q.float() * 1.001  # not bf16-representable
+    out = cpu_mla.mla_decode_cpu(KERNEL, q32, cache, rows[:, 3:], rows[:, 2], 64, 0.2)
+    assert out.dtype == torch.float32
+    ref = twin(q32, cache, tables, lens, 64, 0.2)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5 * ref.abs().max().item(), rtol=0)
+
+
+@needs_kernel
 def test_kernel_survives_extreme_scores():
     """Scores hundreds apart (weights that underflow to exactly 0, a running max that jumps between blocks) and a
     zero query (uniform weights: the output is the context's mean)."""

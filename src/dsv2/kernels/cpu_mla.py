@@ -78,24 +78,24 @@ def splits_for(batch: int, blocks: int) -> int:
 
 def mla_decode_cpu(kernel, q_abs: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                    context_lens: torch.Tensor, rank: int, scale: float, splits: int | None = None) -> torch.Tensor:
-    """The C++ kernel's call (see paged_latent_attention for the shapes); `splits` ranges per sequence."""
+    """The C++ kernel's call (see paged_latent_attention for the shapes); `splits` ranges per sequence. Little
+    Python on purpose (it runs once per layer and step): block tables and lengths are read in place through their
+    strides (compiled decode passes views of its input rows), bf16 queries and outputs need no conversion here."""
     B, n, D = q_abs.shape
     W, BS = block_tables.shape[1], cache.shape[1]
     if cache.shape[-1] != D or not cache.is_contiguous():
         raise ValueError(f"cache {tuple(cache.shape)} (contiguous: {cache.is_contiguous()}) does not hold {D}-wide rows")
-    splits = splits or splits_for(B, W)
-    q = q_abs.float().contiguous()
-    tables = block_tables.to(torch.int32).contiguous()
-    lens = context_lens.to(torch.int32).contiguous()
-    out = torch.empty(B, n, rank)
-    work = torch.empty(B * splits * n * (rank + 2))
-    q_bf16 = q_abs.contiguous() if q_abs.dtype == torch.bfloat16 else None  # exact bf16 values: scores may use them
-    status = kernel(q.data_ptr(), q_bf16.data_ptr() if q_bf16 is not None else None, cache.data_ptr(),
-                    int(cache.dtype == torch.bfloat16), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
-                    work.data_ptr(), B, n, D, rank, BS, W, splits, float(scale))
+    q = (q_abs if q_abs.dtype in (torch.bfloat16, torch.float32) else q_abs.float()).contiguous()
+    tables = block_tables if block_tables.dtype == torch.int32 and block_tables.stride(1) == 1 \
+        else block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32)
+    out = torch.empty(B, n, rank, dtype=q.dtype)
+    status = kernel(q.data_ptr(), q.dtype == torch.bfloat16, cache.data_ptr(), cache.dtype == torch.bfloat16,
+                    tables.data_ptr(), tables.stride(0), lens.data_ptr(), lens.stride(0), out.data_ptr(),
+                    q.dtype == torch.bfloat16, B, n, D, rank, BS, W, splits or splits_for(B, W), scale)
     if status != 0:
         raise ValueError(f"dsv2_mla_decode rejected its shapes (B={B}, n={n}, D={D}, R={rank}, BS={BS}, W={W})")
-    return out.to(q_abs.dtype)
+    return out if out.dtype == q_abs.dtype else out.to(q_abs.dtype)
 
 
 # ---- building the kernel -------------------------------------------------------------------------------------
@@ -164,8 +164,8 @@ def _load():
             return None
         _load_path.append(path)
         fn = ctypes.CDLL(path).dsv2_mla_decode
-        ptr, i32 = ctypes.c_void_p, ctypes.c_int
-        fn.argtypes = [ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr] + [i32] * 7 + [ctypes.c_float]
+        ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        fn.argtypes = [ptr, i32, ptr, i32, ptr, i64, ptr, i64, ptr, i32] + [i32] * 7 + [ctypes.c_float]
         fn.restype = i32
         return fn
 

@@ -11,8 +11,8 @@
 // Portable C++: the loops over R and R + Dr are written for the compiler to vectorise (-O3 with the build machine's
 // vector ISA, see cpu_mla.py); the OpenMP runtime is the one torch already loaded (libgomp.so.1).
 //
-// Shapes: q [B, n, D] fp32, cache [NB, BS, D] (bf16 or fp32), tables [B, W] int32, lens [B] int32,
-// out [B, n, R] fp32, work [B, splits, n, R + 2] fp32 scratch. D = R + Dr.
+// Shapes: q [B, n, D] (bf16 or fp32), cache [NB, BS, D] (bf16 or fp32), tables [B, W] int32, lens [B] int32,
+// out [B, n, R] (bf16 or fp32); scratch [B, splits, n, R + 2] fp32. D = R + Dr.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -187,39 +187,57 @@ void attend_range(const float* q, const uint16_t* q_bf16, const void* cache, boo
 
 }  // namespace
 
-// q_bf16: the same query in bf16 when it is exactly that (a bf16 model), else null; with a bf16 cache and a CPU
-// with AVX-512 BF16 the scores are computed from it and the stored rows directly.
-extern "C" int dsv2_mla_decode(const float* q, const uint16_t* q_bf16, const void* cache, int cache_is_bf16,
-                               const int32_t* tables,
-                               const int32_t* lens, float* out, float* work, int B, int n, int D, int R, int BS,
-                               int W, int splits, float scale) {
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// q: [B, n, D] bf16 (q_is_bf16) or fp32; tables: row b at tables + b * table_stride; lens: lens[b * lens_stride]
+// (strided views of the compiled step's input rows are read in place); out: [B, n, R] bf16 (out_is_bf16) or fp32.
+// With a bf16 query and cache on a CPU with AVX-512 BF16, the scores come from the stored values directly.
+// Returns 0, or 1 for shapes it does not take.
+extern "C" int dsv2_mla_decode(const void* q_in, int q_is_bf16, const void* cache, int cache_is_bf16,
+                               const int32_t* tables, int64_t table_stride, const int32_t* lens, int64_t lens_stride,
+                               void* out_raw, int out_is_bf16, int B, int n, int D, int R, int BS, int W, int splits,
+                               float scale) {
   if (B <= 0 || n <= 0 || R <= 0 || D < R || BS <= 0 || W <= 0 || splits <= 0) return 1;
   const bool bf16 = cache_is_bf16 != 0;
   const int per_split = (W + splits - 1) / splits;  // blocks per range
+  const int64_t q_count = static_cast<int64_t>(B) * n * D;
+  const uint16_t* q_bf16 = q_is_bf16 ? static_cast<const uint16_t*>(q_in) : nullptr;
+  std::vector<float> q_converted(q_bf16 ? q_count : 0);
+  if (q_bf16)
+    for (int64_t i = 0; i < q_count; ++i) q_converted[i] = bf16_to_float(q_bf16[i]);
+  const float* q = q_bf16 ? q_converted.data() : static_cast<const float*>(q_in);
+  std::vector<float> work(static_cast<size_t>(B) * splits * n * (R + 2));
 #pragma omp parallel
   {
-    std::vector<float> rows(static_cast<size_t>(BS) * D), scores(static_cast<size_t>(n) * BS);
+    std::vector<float> rows(static_cast<size_t>(BS) * D), scores(static_cast<size_t>(n) * BS), o(R);
 #pragma omp for schedule(static)
     for (int item = 0; item < B * splits; ++item) {
       const int b = item / splits, s = item % splits;
-      const int len = lens[b];
+      const int len = lens[b * lens_stride];
       const int used_blocks = std::min(W, (len + BS - 1) / BS);
       const int begin = s * per_split, end = std::min(used_blocks, begin + per_split);
-      float* part = work + static_cast<int64_t>(item) * n * (R + 2);
+      float* part = work.data() + static_cast<int64_t>(item) * n * (R + 2);
       attend_range(q + static_cast<int64_t>(b) * n * D, q_bf16 ? q_bf16 + static_cast<int64_t>(b) * n * D : nullptr,
-                   cache, bf16, tables + static_cast<int64_t>(b) * W, len, begin, end, n, D, R, BS, scale, part,
-                   rows.data(), scores.data());
+                   cache, bf16, tables + b * table_stride, len, begin, end, n, D, R, BS, scale, part, rows.data(),
+                   scores.data());
     }
 #pragma omp for schedule(static)
     for (int bh = 0; bh < B * n; ++bh) {
       const int b = bh / n, h = bh % n;
+      const float* first = work.data() + (static_cast<int64_t>(b) * splits * n + h) * (R + 2);  // split 0
+      const int64_t split_step = static_cast<int64_t>(n) * (R + 2);
       float M = -std::numeric_limits<float>::infinity();
-      for (int s = 0; s < splits; ++s) M = std::max(M, work[((static_cast<int64_t>(b) * splits + s) * n + h) * (R + 2) + R]);
-      float* o = out + static_cast<int64_t>(bh) * R;
-      std::fill(o, o + R, 0.0f);
+      for (int s = 0; s < splits; ++s) M = std::max(M, first[s * split_step + R]);
+      std::fill(o.begin(), o.end(), 0.0f);
       float total = 0.0f;
       for (int s = 0; s < splits; ++s) {
-        const float* part = work + ((static_cast<int64_t>(b) * splits + s) * n + h) * (R + 2);
+        const float* part = first + s * split_step;
         if (part[R + 1] == 0.0f) continue;  // a range past the context
         const float w = std::exp(part[R] - M);
         total += w * part[R + 1];
@@ -227,8 +245,14 @@ extern "C" int dsv2_mla_decode(const float* q, const uint16_t* q_bf16, const voi
         for (int r = 0; r < R; ++r) o[r] += w * part[r];
       }
       const float inv = 1.0f / total;
+      if (out_is_bf16) {
+        uint16_t* dst = static_cast<uint16_t*>(out_raw) + static_cast<int64_t>(bh) * R;
+        for (int r = 0; r < R; ++r) dst[r] = float_to_bf16(o[r] * inv);
+      } else {
+        float* dst = static_cast<float*>(out_raw) + static_cast<int64_t>(bh) * R;
 #pragma omp simd
-      for (int r = 0; r < R; ++r) o[r] *= inv;
+        for (int r = 0; r < R; ++r) dst[r] = o[r] * inv;
+      }
     }
   }
   return 0;
