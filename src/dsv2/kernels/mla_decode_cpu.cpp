@@ -124,6 +124,39 @@ void block_scores_bf16(const uint16_t* q, const uint16_t* rows, int valid, int n
 }
 #endif
 
+// acc[h, :R] += sum_t weights[h, t] * rows[t, :R] for every head: HB heads x 16 columns of acc stay in registers
+// while the block's rows stream past, so each row element is loaded once per HB heads (not once per head).
+template <int HB>
+void values_heads(const float* weights, const float* rows, int valid, int D, int R, int BS, float* acc) {
+  constexpr int C = 16;
+  int r0 = 0;
+  for (; r0 + C <= R; r0 += C) {
+    float a[HB][C];
+    for (int h = 0; h < HB; ++h)
+      for (int c = 0; c < C; ++c) a[h][c] = acc[h * (R + 2) + r0 + c];
+    for (int t = 0; t < valid; ++t) {
+      const float* row = rows + t * D + r0;
+      for (int h = 0; h < HB; ++h) {
+        const float w = weights[h * BS + t];
+#pragma omp simd
+        for (int c = 0; c < C; ++c) a[h][c] += w * row[c];
+      }
+    }
+    for (int h = 0; h < HB; ++h)
+      for (int c = 0; c < C; ++c) acc[h * (R + 2) + r0 + c] = a[h][c];
+  }
+  for (int h = 0; h < HB; ++h)  // the last R % 16 columns
+    for (int t = 0; t < valid; ++t)
+      for (int r = r0; r < R; ++r) acc[h * (R + 2) + r] += weights[h * BS + t] * rows[t * D + r];
+}
+
+void block_values(const float* weights, const float* rows, int valid, int n, int D, int R, int BS, float* acc) {
+  int h = 0;
+  for (; h + 8 <= n; h += 8) values_heads<8>(weights + h * BS, rows, valid, D, R, BS, acc + h * (R + 2));
+  for (; h + 4 <= n; h += 4) values_heads<4>(weights + h * BS, rows, valid, D, R, BS, acc + h * (R + 2));
+  for (; h < n; ++h) values_heads<1>(weights + h * BS, rows, valid, D, R, BS, acc + h * (R + 2));
+}
+
 // One sequence, blocks [block_begin, block_end) of its table: running max m[n], sum l[n], output acc[n, R]
 // (unnormalised), written to part = [n, R + 2] as acc | m | l.
 void attend_range(const float* q, const uint16_t* q_bf16, const void* cache, bool bf16, const int32_t* table, int len,
@@ -161,23 +194,10 @@ void attend_range(const float* q, const uint16_t* q_bf16, const void* cache, boo
         s[t] = exp_nonpositive(s[t] - m_new);  // the weight, in place of the score
         sum += s[t];
       }
-      // out += weights . rows, four rows per pass over out (one load and store of out per four products)
-      int t = 0;
-      for (; t + 4 <= valid; t += 4) {
-        const float *r0 = rows + t * D, *r1 = r0 + D, *r2 = r1 + D, *r3 = r2 + D;
-        const float p0 = s[t], p1 = s[t + 1], p2 = s[t + 2], p3 = s[t + 3];
-#pragma omp simd
-        for (int r = 0; r < R; ++r) out[r] += p0 * r0[r] + p1 * r1[r] + p2 * r2[r] + p3 * r3[r];
-      }
-      for (; t < valid; ++t) {
-        const float p = s[t];
-        const float* row = rows + t * D;
-#pragma omp simd
-        for (int r = 0; r < R; ++r) out[r] += p * row[r];
-      }
       l[h] = l[h] * correction + sum;
       m[h] = m_new;
     }
+    block_values(scores, rows, valid, n, D, R, BS, acc);
   }
   for (int h = 0; h < n; ++h) {
     part[h * (R + 2) + R] = m[h];
