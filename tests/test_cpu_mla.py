@@ -18,7 +18,7 @@ from dsv2.kernels import cpu_mla, paged_slots
 from dsv2.model.mla import latent_attention
 
 KERNEL = cpu_mla.decode_kernel()
-needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"kernel not built: {cpu_mla._UNAVAILABLE}")
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"kernel not built: {cpu_mla.unavailable_reason()}")
 
 
 def paged_case(B, n, R, Dr, BS, lens, dtype, seed=0, q_std=2.0, extra_blocks=1):
@@ -133,7 +133,7 @@ def test_the_avx2_build_runs_and_matches(tmp_path):
         "from test_cpu_mla import paged_case, twin\n"
         "from dsv2.kernels import cpu_mla\n"
         "flags = cpu_mla.arch_flags(); assert flags == ['-mavx2', '-mfma', '-mf16c'], flags\n"
-        "k = cpu_mla.decode_kernel(); assert k is not None, cpu_mla._UNAVAILABLE\n"
+        "k = cpu_mla.decode_kernel(); assert k is not None, cpu_mla.unavailable_reason()\n"
         "q, cache, tables, lens = paged_case(3, 5, 64, 16, 16, [70, 1, 33], torch.float32)\n"
         "out = cpu_mla.mla_decode_cpu(k, q, cache, tables, lens, 64, 0.2, 3)\n"
         "ref = twin(q, cache, tables, lens, 64, 0.2)\n"

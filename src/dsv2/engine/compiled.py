@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import sys
 import time
 import weakref
@@ -194,9 +193,9 @@ def use_isa_cache_dir() -> str:
 
 def compiler_unavailable_reason() -> str | None:
     """Why torch.compile cannot build CPU code here (Inductor compiles C++ at run time); None when it can."""
-    cxx = os.environ.get("CXX") or "g++"
-    if shutil.which(cxx) is None and shutil.which("c++") is None and shutil.which("clang++") is None:
-        return f"no C++ compiler found ({cxx}, c++ or clang++ on PATH); install g++ or set CXX"
+    from ..kernels.cpu_mla import compiler
+    if compiler() is None:
+        return f"no C++ compiler found ({os.environ.get('CXX') or 'g++'}, c++ or clang++ on PATH); install g++ or set CXX"
     try:
         import torch._inductor  # noqa: F401
     except Exception as e:  # a torch build without Inductor

@@ -155,9 +155,7 @@ class ModelRunner:
         """Whether eager CPU decode attends through kernels/cpu_mla.py's C++ kernel (built at first use; without
         it, or with an FP8 cache, decode sequences are gathered into padded groups and attended by SDPA)."""
         if self._use_decode_kernel is None:
-            self._use_decode_kernel = (self.device.type == "cpu" and self.fp8 is None
-                                       and self.kv_caches[0].dtype in (torch.bfloat16, torch.float32)
-                                       and cpu_mla.decode_kernel() is not None)
+            self._use_decode_kernel = self.fp8 is None and cpu_mla.kernel_for(self.kv_caches[0]) is not None
         return self._use_decode_kernel
 
     def _context_slots(self, block_table: list[int], length: int) -> torch.Tensor:
@@ -235,10 +233,10 @@ class ModelRunner:
         dev, D = self.device, step.num_decode
         tables = lens = None
         if D and self._decode_kernel():  # the CPU kernel reads each decode context through its block table
-            tables = torch.zeros(D, max(len(t) for t in step.block_tables[:D]), dtype=torch.int32)
+            rows = np.zeros((D, max(len(t) for t in step.block_tables[:D])), dtype=np.int32)
             for i, t in enumerate(step.block_tables[:D]):
-                tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-            lens = torch.tensor(step.starts[:D], dtype=torch.int32) + 1
+                rows[i, :len(t)] = t
+            tables, lens = torch.from_numpy(rows), torch.from_numpy(np.add(step.starts[:D], 1, dtype=np.int32))
         attn = PagedAttention(
             kv_caches=self.kv_caches, slot_mapping=torch.cat(slot_mapping).to(dev),
             seq_slots=[s.to(dev) for s in seq_slots], query_ranges=ranges, num_decode=D,

@@ -63,7 +63,7 @@ def paged_latent_attention(q_abs: torch.Tensor, cache: torch.Tensor, block_table
     context) and attended by latent_attention_sdpa. Compiled decode calls this as the opaque operator
     dsv2::paged_latent_attention: traced, the SDPA form copies the gathered context once for the key and once for
     the value and builds its mask in a separate pass."""
-    kernel = decode_kernel() if cache.device.type == "cpu" and cache.dtype in (torch.bfloat16, torch.float32) else None
+    kernel = kernel_for(cache)
     if kernel is not None:
         return mla_decode_cpu(kernel, q_abs, cache, block_tables, context_lens, rank, scale)
     slots, pad = paged_slots(block_tables, context_lens, cache.shape[1])
@@ -100,7 +100,6 @@ def mla_decode_cpu(kernel, q_abs: torch.Tensor, cache: torch.Tensor, block_table
 
 # ---- building the kernel -------------------------------------------------------------------------------------
 _BUILD_LOCK = threading.Lock()
-_UNAVAILABLE: list[str] = []  # why the kernel could not be built, once tried
 
 
 def arch_flags() -> list[str]:
@@ -121,6 +120,7 @@ def arch_flags() -> list[str]:
 
 
 def compiler() -> str | None:
+    """The C++ compiler to build with: $CXX, else g++, c++ or clang++ on PATH (None: none here)."""
     for cxx in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if cxx and shutil.which(cxx):
             return cxx
@@ -135,39 +135,40 @@ def cache_dir() -> str:
 def decode_kernel():
     """The built kernel's function (ctypes), or None when it cannot be built here (`unavailable_reason()` says
     why). Built once per process and machine kind; a failed build is not retried in the process."""
-    if _UNAVAILABLE:
-        return None
-    return _load()
+    lib = _load()
+    return None if isinstance(lib, str) else lib.dsv2_mla_decode
+
+
+def kernel_for(cache: torch.Tensor):
+    """decode_kernel() when it can read this cache (on the CPU, bf16 or fp32 rows), else None."""
+    return decode_kernel() if cache.device.type == "cpu" and cache.dtype in (torch.bfloat16, torch.float32) else None
 
 
 def unavailable_reason() -> str | None:
-    """Why the CPU decode kernel is not used here (None: it is, or has not been tried yet and builds)."""
-    return _UNAVAILABLE[0] if _UNAVAILABLE or _load() is None else None
+    """Why the CPU decode kernel is not used here; None when it is built (this builds it if need be)."""
+    lib = _load()
+    return lib if isinstance(lib, str) else None
 
 
 def bf16_dot() -> bool:
     """Whether the built kernel computes bf16 scores with the CPU's dot-product instruction (AVX-512 BF16)."""
-    return _load() is not None and bool(ctypes.CDLL(_load_path[0]).dsv2_mla_decode_bf16_dot())
-
-
-_load_path: list[str] = []
+    lib = _load()
+    return not isinstance(lib, str) and bool(lib.dsv2_mla_decode_bf16_dot())
 
 
 @functools.cache
-def _load():
+def _load() -> ctypes.CDLL | str:
+    """The kernel's library, or why it could not be built (said once on stderr; the SDPA form serves then)."""
     with _BUILD_LOCK:
         try:
-            path = _build()
-        except Exception as e:  # no compiler, a failed build: the SDPA form serves
-            _UNAVAILABLE.append(str(e))
+            lib = ctypes.CDLL(_build())
+        except Exception as e:  # no compiler, a failed build
             print(f"dsv2: CPU decode attention runs through SDPA, ~2x slower at long contexts ({e})", file=sys.stderr)
-            return None
-        _load_path.append(path)
-        fn = ctypes.CDLL(path).dsv2_mla_decode
+            return str(e)
         ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        fn.argtypes = [ptr, i32, ptr, i32, ptr, i64, ptr, i64, ptr, i32] + [i32] * 7 + [ctypes.c_float]
-        fn.restype = i32
-        return fn
+        lib.dsv2_mla_decode.argtypes = [ptr, i32, ptr, i32, ptr, i64, ptr, i64, ptr, i32] + [i32] * 7 + [ctypes.c_float]
+        lib.dsv2_mla_decode.restype = i32
+        return lib
 
 
 def _build() -> str:
@@ -178,9 +179,9 @@ def _build() -> str:
         raise RuntimeError("no C++ compiler found (CXX, g++, c++ or clang++ on PATH)")
     with open(SOURCE, "rb") as f:
         source = f.read()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     for flags in (arch_flags(), []):  # the ISA's flags, then the compiler's defaults
         cmd = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *flags]
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
         key = hashlib.sha256(source + " ".join(cmd).encode() + version.encode() + platform.machine().encode()
                              + _cpu_model().encode()).hexdigest()[:20]
         path = os.path.join(cache_dir(), f"mla_decode_cpu-{key}.so")

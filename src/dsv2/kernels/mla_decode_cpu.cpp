@@ -157,15 +157,18 @@ void block_values(const float* weights, const float* rows, int valid, int n, int
   for (; h < n; ++h) values_heads<1>(weights + h * BS, rows, valid, D, R, BS, acc + h * (R + 2));
 }
 
-// One sequence, blocks [block_begin, block_end) of its table: running max m[n], sum l[n], output acc[n, R]
-// (unnormalised), written to part = [n, R + 2] as acc | m | l.
+// One sequence, blocks [block_begin, block_end) of its table, into part = [n, R + 2]: per head the output (unnormalised)
+// | the running max m | the running sum l, kept there as the blocks go by.
 void attend_range(const float* q, const uint16_t* q_bf16, const void* cache, bool bf16, const int32_t* table, int len,
                   int block_begin, int block_end, int n, int D, int R, int BS, float scale, float* part, float* rows,
                   float* scores) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> m(n, neg_inf), l(n, 0.0f);
   float* acc = part;  // [n, R + 2], the first R of each head's row
-  for (int h = 0; h < n; ++h) std::fill(acc + h * (R + 2), acc + h * (R + 2) + R, 0.0f);
+  for (int h = 0; h < n; ++h) {
+    std::fill(acc + h * (R + 2), acc + h * (R + 2) + R, 0.0f);
+    part[h * (R + 2) + R] = neg_inf;  // m
+    part[h * (R + 2) + R + 1] = 0.0f;  // l
+  }
   for (int blk = block_begin; blk < block_end; ++blk) {
     const int valid = std::min(BS, len - blk * BS);
     if (valid <= 0) break;
@@ -179,10 +182,11 @@ void attend_range(const float* q, const uint16_t* q_bf16, const void* cache, boo
       block_scores(q, rows, valid, n, D, BS, scale, scores);
     for (int h = 0; h < n; ++h) {
       float* s = scores + h * BS;
+      float &m = part[h * (R + 2) + R], &l = part[h * (R + 2) + R + 1];
       float block_max = neg_inf;
       for (int t = 0; t < valid; ++t) block_max = std::max(block_max, s[t]);
-      const float m_new = std::max(m[h], block_max);
-      const float correction = m[h] == neg_inf ? 0.0f : exp_nonpositive(m[h] - m_new);  // 0 for the first block
+      const float m_new = std::max(m, block_max);
+      const float correction = m == neg_inf ? 0.0f : exp_nonpositive(m - m_new);  // 0 for the first block
       float* out = acc + h * (R + 2);
       if (correction != 1.0f) {
 #pragma omp simd
@@ -194,18 +198,12 @@ void attend_range(const float* q, const uint16_t* q_bf16, const void* cache, boo
         s[t] = exp_nonpositive(s[t] - m_new);  // the weight, in place of the score
         sum += s[t];
       }
-      l[h] = l[h] * correction + sum;
-      m[h] = m_new;
+      l = l * correction + sum;
+      m = m_new;
     }
     block_values(scores, rows, valid, n, D, R, BS, acc);
   }
-  for (int h = 0; h < n; ++h) {
-    part[h * (R + 2) + R] = m[h];
-    part[h * (R + 2) + R + 1] = l[h];
-  }
 }
-
-}  // namespace
 
 inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
   uint32_t bits;
@@ -214,6 +212,8 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
 }
+
+}  // namespace
 
 // q: [B, n, D] bf16 (q_is_bf16) or fp32; tables: row b at tables + b * table_stride; lens: lens[b * lens_stride]
 // (strided views of the compiled step's input rows are read in place); out: [B, n, R] bf16 (out_is_bf16) or fp32.
