@@ -27,7 +27,7 @@ def test_info_table_and_errors(tmp_path):
 
 def test_info_system_shows_the_checked_capability_and_the_kernels_chosen():
     from dsv2.capability import cpu_capability
-    from dsv2.kernels import cpu_mla
+    from dsv2.kernels import cpu_mla, cpu_moe
     env = {**os.environ, "DSV2_CPU_CAPABILITY": "avx2"}
     run = lambda *a, e=None: subprocess.run([sys.executable, "-m", "dsv2.cli", "info", "--system", *a],
                                             capture_output=True, text=True, check=True, env=e).stdout
@@ -42,9 +42,15 @@ def test_info_system_shows_the_checked_capability_and_the_kernels_chosen():
         assert (low["plan"]["weights"], low["plan"]["compute_dtype"]) == ("upcast", "float32")
         kernel = low["decode_attention_kernel"]  # the AVX2 build of the decode attention kernel, no bf16 dot
         assert kernel["available"] and not kernel["bf16_dot"] and "-mavx2" in kernel["reason"], kernel
+        experts = low["experts_kernel"]  # the AVX2 build of the expert kernel: widened bf16, fp32 FMAs
+        assert experts["available"] and not experts["bf16_dot"] and "-mavx2" in experts["reason"], experts
+        assert low["plan"]["cpu_experts_kernel"] is True
     kernel = here["decode_attention_kernel"]
     assert kernel["available"] is (cpu_mla.decode_kernel() is not None)
     assert kernel["bf16_dot"] is (kernel["available"] and cap.level == "avx512" and "avx512_bf16" in cap.flags)
+    experts = here["experts_kernel"]
+    assert experts["available"] is (cpu_moe.kernel() is not None) is here["plan"]["cpu_experts_kernel"]
+    assert experts["bf16_dot"] is (experts["available"] and cap.level == "avx512" and "avx512_bf16" in cap.flags)
     table = run("--device", "cpu", "--quantization", "int8")
     assert "int8 GEMV kernel" in table and "linear <= 16 rows (decode)" in table and "weights int8" in table
 

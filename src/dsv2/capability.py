@@ -293,6 +293,7 @@ class InferencePlan:
     notes: tuple[str, ...] = ()
     int4_kernel: bool = False  # int4 through torch's int4 kernel (CPU: decode rows; CUDA: all rows)
     group_size: int | None = None  # int4: inputs per (scale, zero) pair
+    cpu_experts_kernel: bool = False  # routed experts of few tokens through kernels/moe_cpu.cpp (kept plain for it)
 
     def kernels(self) -> dict[str, str]:
         """Each kind of matmul -> the kernel that runs it, readable."""
@@ -321,7 +322,10 @@ class InferencePlan:
         return {
             f"linear {few}": gemv,
             f"linear {many}": gemm,
-            "routed experts": "tokens grouped by expert, each group through the linear kernels above",
+            "routed experts": (f"up to {_expert_rows()} tokens: one C++ call a layer over all chosen experts on their "
+                               "stacked weights (kernels/moe_cpu.cpp); more: tokens grouped by expert, each group "
+                               "through the linear kernels above") if self.cpu_experts_kernel else
+                              "tokens grouped by expert, each group through the linear kernels above",
             "router": "fp32 matmul and softmax (weights kept fp32)",
             "prefill attention": f"scaled_dot_product_attention in {c} (v padded to the q/k head dim)",
             "decode attention": f"absorbed MLA over the {_name(self.cache_dtype)} latent cache, scores and softmax "
@@ -338,6 +342,9 @@ class InferencePlan:
                     ", ".join(INT4_AS_INT8): "int8, a scale per output row", **plain}
         if self.weights == "int8":
             return {f"{kinds}, lm_head": "int8, a scale per output row", **plain}
+        if self.weights == "packed" and self.cpu_experts_kernel:
+            return {f"{kinds.removesuffix(' and routed experts')} and shared experts, lm_head": f"{w}, oneDNN-prepacked",
+                    "routed experts": f"{w}, stacked (for kernels/moe_cpu.cpp)", **plain}
         if self.weights == "packed":
             return {f"{kinds}, lm_head": f"{w}, oneDNN-prepacked", **plain}
         return {f"{kinds}, lm_head, {', '.join(KEEP_PLAIN)}, embedding, norms": w, "router": "float32"}
@@ -347,7 +354,13 @@ class InferencePlan:
                 "compute_dtype": _name(self.compute_dtype), "cache_dtype": _name(self.cache_dtype),
                 "weights": self.weights, "quantization": self.quantization, "gemv_rows": self.gemv_rows,
                 "int8_kernel": self.int8_kernel, "int4_kernel": self.int4_kernel, "group_size": self.group_size,
+                "cpu_experts_kernel": self.cpu_experts_kernel,
                 "formats": self.formats(), "kernels": self.kernels(), "notes": list(self.notes)}
+
+
+def _expert_rows() -> int:
+    from .kernels.cpu_moe import EXPERT_ROWS
+    return EXPERT_ROWS
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -399,12 +412,21 @@ def inference_plan(device: str | torch.device, dtype: str | torch.dtype = "auto"
     if cpu_weight_packing and not can_pack:
         why = cap.reasons["onednn_bf16"] if not cap.onednn_bf16 else "it packs bf16 weights computed in bf16 only"
         raise ValueError(f"cpu_weight_packing=True is not possible here: {why}")
+    experts = weight in (torch.bfloat16, torch.float32) and cpu_experts_kernel()
     if can_pack and cpu_weight_packing is not False:
-        return InferencePlan("cpu", weight, compute, cache, "packed", None, False, notes=tuple(notes))
+        return InferencePlan("cpu", weight, compute, cache, "packed", None, False, notes=tuple(notes),
+                             cpu_experts_kernel=experts)
     if compute == torch.float32 and weight != torch.float32:
         return InferencePlan("cpu", weight, compute, cache, "upcast", None, False, gemv_rows=UPCAST_GEMV_ROWS,
-                             notes=tuple(notes))
-    return InferencePlan("cpu", weight, compute, cache, "plain", None, False, notes=tuple(notes))
+                             notes=tuple(notes), cpu_experts_kernel=experts)
+    return InferencePlan("cpu", weight, compute, cache, "plain", None, False, notes=tuple(notes),
+                         cpu_experts_kernel=experts)
+
+
+def cpu_experts_kernel() -> bool:
+    """Whether kernels/moe_cpu.cpp is built here (builds it at the first call, ~2 s; cached on disk after)."""
+    from .kernels import cpu_moe
+    return cpu_moe.kernel() is not None
 
 
 def _quantized_plan(device: torch.device, asked: torch.dtype | None, quantization: str,

@@ -92,6 +92,11 @@ def describe_system(device: str | None = None, dtype: str = "auto", quantization
         out["decode_attention_kernel"] = {
             "available": reason is None, "bf16_dot": reason is None and cpu_mla.bf16_dot(),
             "reason": reason or f"built with {' '.join(cpu_mla.arch_flags()) or 'the compiler defaults'}"}
+        from ..kernels import cpu_moe
+        reason = cpu_moe.unavailable_reason()
+        out["experts_kernel"] = {
+            "available": reason is None, "bf16_dot": reason is None and cpu_moe.bf16_dot(),
+            "reason": reason or f"built with {' '.join(cpu_mla.arch_flags()) or 'the compiler defaults'}"}
     return out
 
 
@@ -116,6 +121,11 @@ def run_system(args) -> int:
         rows.append(("decode attention", (f"C++ kernel, {k['reason']}" + (", bf16 dot-product scores" if k["bf16_dot"]
                                                                           else "")) if k["available"]
                      else f"SDPA (the C++ kernel is not built: {k['reason']})"))
+    if "experts_kernel" in d:
+        k = d["experts_kernel"]
+        rows.append(("experts, decode", (f"C++ kernel, {k['reason']}" + (", bf16 dot products" if k["bf16_dot"]
+                                                                         else "")) if k["available"]
+                     else f"torch matmuls per expert (the C++ kernel is not built: {k['reason']})"))
     if "cuda" in d:
         rows.append(("cuda", ", ".join(d["cuda"])))
     rows.append(("plan", f"{plan['device']}, dtype {args.dtype}"

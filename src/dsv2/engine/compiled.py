@@ -102,8 +102,8 @@ class Sealed(nn.Module):
             return torch.ops.dsv2.routed_experts(x, weights, idx, self.handle)
         if type(inner) is nn.Linear:
             return linear_one_row(x, inner.weight, inner.bias) if one_row else inner(x)
-        if type(inner) is MLP:
-            return mlp_one_row(inner, x) if one_row else inner(x)
+        if type(inner) is MLP and one_row:
+            return mlp_one_row(inner, x)
         out = x.shape[-1] if self.out_features_or_same is None else self.out_features_or_same
         return torch.ops.dsv2.matrix_module(x, self.handle, out)
 

@@ -5,10 +5,9 @@
 The C++ kernel (flash-decoding: each sequence's context in several ranges of blocks across the threads, an online
 softmax per range, a combine) reads each cached row once, in place through the block table, converts it to fp32 and
 serves every head from L1; on CPUs with AVX-512 BF16 a bf16 model's scores come straight from the stored rows by the
-bf16 dot-product instruction (benchmarks/cpu_attention.py, BENCHMARKS.md). It is compiled with the C++
-compiler torch.compile already needs (g++ / CXX), for the vector ISA torch runs with (AVX-512, AVX2 or the compiler's
-default; `-mcpu=native` elsewhere), and cached under ~/.cache/dsv2/kernels by a hash of source, compiler and flags.
-All of it fp32 past the loads, like the slow twin model.mla.latent_attention.
+bf16 dot-product instruction (benchmarks/cpu_attention.py, BENCHMARKS.md). It is built at first use for the
+vector ISA torch runs with and cached (kernels/cpu_build.py). All of it fp32 past the loads, like the slow twin
+model.mla.latent_attention.
 
 SDPA's form, where the kernel is not built or the cache is neither bf16 nor fp32:
 One query per sequence attends in the latent space: the n heads of a sequence become n query positions of a single
@@ -25,18 +24,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 
 import torch
 import torch.nn.functional as F
 
+from .cpu_build import arch_flags, build, cache_dir, compiler, load  # noqa: F401 (re-exported)
 from .triton_mla import paged_slots
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mla_decode_cpu.cpp")
@@ -98,40 +91,7 @@ def mla_decode_cpu(kernel, q_abs: torch.Tensor, cache: torch.Tensor, block_table
     return out if out.dtype == q_abs.dtype else out.to(q_abs.dtype)
 
 
-# ---- building the kernel -------------------------------------------------------------------------------------
-_BUILD_LOCK = threading.Lock()
-
-
-def arch_flags() -> list[str]:
-    """Compiler flags for the vector ISA torch runs with here (so ATEN_CPU_CAPABILITY=avx2 / DSV2_CPU_CAPABILITY
-    builds the AVX2 kernel an AVX2 machine gets)."""
-    from ..capability import cpu_capability
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
-        level = cpu_capability().level
-        if level == "avx512":
-            return ["-march=native", "-mprefer-vector-width=512"]
-        if level == "avx2":
-            return ["-mavx2", "-mfma", "-mf16c"]
-        return []
-    if machine in ("aarch64", "arm64"):
-        return ["-mcpu=native"]
-    return []
-
-
-def compiler() -> str | None:
-    """The C++ compiler to build with: $CXX, else g++, c++ or clang++ on PATH (None: none here)."""
-    for cxx in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if cxx and shutil.which(cxx):
-            return cxx
-    return None
-
-
-def cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "dsv2", "kernels")
-
-
+# ---- building the kernel (kernels/cpu_build.py) ------------------------------------------------------------
 def decode_kernel():
     """The built kernel's function (ctypes), or None when it cannot be built here (`unavailable_reason()` says
     why). Built once per process and machine kind; a failed build is not retried in the process."""
@@ -159,54 +119,14 @@ def bf16_dot() -> bool:
 @functools.cache
 def _load() -> ctypes.CDLL | str:
     """The kernel's library, or why it could not be built (said once on stderr; the SDPA form serves then)."""
-    with _BUILD_LOCK:
-        try:
-            lib = ctypes.CDLL(_build())
-        except Exception as e:  # no compiler, a failed build
-            print(f"dsv2: CPU decode attention runs through SDPA, ~2x slower at long contexts ({e})", file=sys.stderr)
-            return str(e)
-        ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        lib.dsv2_mla_decode.argtypes = [ptr, i32, ptr, i32, ptr, i64, ptr, i64, ptr, i32] + [i32] * 7 + [ctypes.c_float]
-        lib.dsv2_mla_decode.restype = i32
-        return lib
+    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    return load(SOURCE, {"dsv2_mla_decode": ([ptr, i32, ptr, i32, ptr, i64, ptr, i64, ptr, i32] + [i32] * 7
+                                             + [ctypes.c_float], i32), "dsv2_mla_decode_bf16_dot": ([], i32)},
+                "CPU decode attention runs through SDPA, ~2x slower at long contexts")
 
 
 def _build() -> str:
-    if os.environ.get("DSV2_NO_CPU_KERNELS"):
-        raise RuntimeError("DSV2_NO_CPU_KERNELS is set")
-    cxx = compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (CXX, g++, c++ or clang++ on PATH)")
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    for flags in (arch_flags(), []):  # the ISA's flags, then the compiler's defaults
-        cmd = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *flags]
-        key = hashlib.sha256(source + " ".join(cmd).encode() + version.encode() + platform.machine().encode()
-                             + _cpu_model().encode()).hexdigest()[:20]
-        path = os.path.join(cache_dir(), f"mla_decode_cpu-{key}.so")
-        if os.path.exists(path):
-            return path
-        os.makedirs(cache_dir(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
-        os.close(fd)
-        p = subprocess.run([*cmd, SOURCE, "-o", tmp], capture_output=True, text=True)
-        if p.returncode == 0:
-            os.replace(tmp, path)  # atomic: another process sees the whole library or none
-            return path
-        os.unlink(tmp)
-        error = p.stderr.strip().splitlines()[-1:] or [f"exit code {p.returncode}"]
-    raise RuntimeError(f"building {os.path.basename(SOURCE)} failed: {error[0]}")
-
-
-def _cpu_model() -> str:
-    """The CPU's model and flags (-march=native builds for exactly this kind of CPU)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = [line for line in f if line.startswith(("model name", "flags", "Features"))][:2]
-        return "".join(info)
-    except OSError:
-        return platform.processor()
+    return build(SOURCE)
 
 
 # Registered with torch.library.Library (not the custom_op decorator, whose wrapper costs ~2x per call).

@@ -96,8 +96,9 @@ def prepare_part(module: nn.Module, plan: InferencePlan, workspace: Workspace) -
     upcast = compute != plan.weight_dtype  # weights stored narrower than the compute dtype
     keep = (lambda m: UpcastLinear(m, rows, ws)) if upcast else (lambda m: None)
     if plan.weights == "packed":
+        # routed experts stay stacked where the CPU expert kernel runs them (faster than oneDNN's per-expert calls)
         swap_matrices(module, PackedMLP, lambda m, name: keep(m) if name in KEEP_PLAIN else PackedLinear(m),
-                      PackedExperts)
+                      (lambda e: None) if plan.cpu_experts_kernel else PackedExperts)
     elif plan.weights == "int8":
         k = plan.int8_kernel
         swap_matrices(module, lambda m: Int8MLP(m, k),

@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu_moe
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -24,4 +26,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cpu_kernel_takes(x):  # CPU inference on a few rows (decode): one C++ call (kernels/cpu_moe.py)
+            return cpu_moe.mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def _cpu_kernel_takes(self, x: torch.Tensor) -> bool:
+        linears = (self.gate_proj, self.up_proj, self.down_proj)  # exactly nn.Linear: a LoRA or parallel wrapper
+        return (all(type(m) is nn.Linear and m.bias is None for m in linears)  # has its own forward
+                and cpu_moe.takes(x, self.gate_proj.weight, cpu_moe.MLP_ROWS))

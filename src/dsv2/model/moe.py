@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels import grouped_experts
+from ..kernels import cpu_moe, grouped_experts
 from .layers import MLP
 
 
@@ -138,6 +138,8 @@ class Experts(ExpertGroup):
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         if x.is_cuda and keep is None and not torch.is_grad_enabled():  # inference on CUDA: one grouped GEMM per
             return grouped_experts(x, self.gate_up_proj, self.down_proj, weights, idx)  # projection, no host sync
+        if keep is None and cpu_moe.takes(x, self.gate_up_proj, cpu_moe.EXPERT_ROWS):  # CPU inference, up to ~1k
+            return cpu_moe.stacked_experts(x, self.gate_up_proj, self.down_proj, weights, idx)  # tokens: one C++ call
         return super().forward(x, weights, idx, keep)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

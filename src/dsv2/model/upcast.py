@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu_moe
 from .layers import MLP
 from .moe import ExpertGroup, Experts
 
@@ -83,6 +84,10 @@ class UpcastMLP(nn.Module):
         self.down = _frozen(mlp.down_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_moe.takes(x, self.gate_up, cpu_moe.MLP_ROWS):  # decode rows: the weights widened inside the kernel
+            I = self.down.shape[-1]
+            return cpu_moe.swiglu_experts(x.reshape(-1, x.shape[-1]), self.gate_up[None, :I], self.gate_up[None, I:],
+                                          self.down[None]).view(x.shape)
         gate, up = upcast_linear(x, self.gate_up, None, self.gemv_rows, self.workspace).chunk(2, dim=-1)
         return upcast_linear(F.silu(gate) * up, self.down, None, self.gemv_rows, self.workspace)
 
@@ -95,6 +100,12 @@ class UpcastExperts(ExpertGroup):
         self.gemv_rows, self.workspace = gemv_rows, workspace
         self.gate_up_proj = _frozen(experts.gate_up_proj)  # [E, 2I, H]
         self.down_proj = _frozen(experts.down_proj)  # [E, H, I]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None and cpu_moe.takes(x, self.gate_up_proj, cpu_moe.EXPERT_ROWS):  # one C++ call (cpu_moe.py)
+            return cpu_moe.stacked_experts(x, self.gate_up_proj, self.down_proj, weights, idx)
+        return super().forward(x, weights, idx, keep)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = upcast_linear(x, self.gate_up_proj[e], None, self.gemv_rows, self.workspace).chunk(2, dim=-1)
