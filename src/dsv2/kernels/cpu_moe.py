@@ -29,12 +29,13 @@ from .cpu_build import load
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_cpu.cpp")
 
-# Rows up to which the kernel takes a product (benchmarks/cpu_moe.py, mini model widths, 2 threads): a layer's
-# routed experts were faster than torch's per-expert loop -- plain or oneDNN-prepacked -- up to 1,024 tokens (1.3x at
-# 16 and 256, 1.05x at 1,024, 0.9x at 2,048); one MLP beat torch's plain bf16 matmuls up to ~16 rows (oneDNN's
-# prepacked ones from ~4 rows on, so packed MLPs stay packed).
-EXPERT_ROWS = 1024
-MLP_ROWS = 16
+# Rows up to which the kernel takes a product (benchmarks/cpu_moe.py, mini model widths, 2 threads, AMD EPYC Zen 4):
+# a layer's routed experts 2.2-3.2x faster than oneDNN's prepacked per-expert calls at 1-8 tokens, 1.8x at 16, 0.9x
+# from 64 on, and 1.4x torch's plain per-expert loop at 128 (about even at 256); one MLP faster than torch's plain
+# matmuls up to 8 rows (1.5x), slower from 16. Past these, torch's matmuls (the kernel's tiles are built for
+# reading weights, not for arithmetic).
+EXPERT_ROWS = 128
+MLP_ROWS = 8
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:

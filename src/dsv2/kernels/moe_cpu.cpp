@@ -10,9 +10,9 @@
 // with fp32 activations (over fp32 weights, or bf16 ones widened: the upcast plan) nothing is rounded.
 //
 // Decode multiplies few rows by each weight, so the work is reading weights: every weight row is read from memory
-// once per call and dotted with all of its expert's tokens while in L1 (register tiles of ROWS weight rows x COLS
-// tokens; the tokens come in blocks of TOKEN_BLOCK so that a block's activations stay in L2). Two passes, each
-// thread streaming one contiguous part of the weights, neither with two threads writing the same memory:
+// once per call and dotted with all of its expert's tokens while in L1 (register tiles of one weight row -- four
+// when an expert has many tokens -- x COLS tokens; the tokens come in blocks of TOKEN_BLOCK so that a block's
+// activations stay in L2). Two passes, each thread streaming one contiguous part of the weights, neither with two threads writing the same memory:
 //   1. gate/up: the active experts' gate and up rows, one after another, cut into a range per thread;
 //   2. down: a range of output columns per thread, over all experts in turn (so it owns those columns of out).
 // The dot products: on CPUs with AVX-512 BF16 a bf16 x bf16 product sums pairs by the bf16 dot-product
@@ -61,9 +61,6 @@ inline void store(float* p, float f) { *p = f; }
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
-// Ask for the cache line at p ahead of its use (software prefetches cross the 4 KB pages hardware prefetchers stop at).
-template <class T> inline void prefetch(const T* p) { __builtin_prefetch(p, 0, 3); }
-
 // ---- register tiles: acc[r][c] = w[r] . v[c] over n elements -------------------------------------------------
 #if defined(__AVX512F__)
 constexpr int LANES = 16;
@@ -103,7 +100,7 @@ constexpr int ROWS = 4, COLS = 2;
 #endif
 
 template <int R, int C, class TW, class TV>
-inline void tile(const TW* const* w, const TV* const* v, int n, int64_t ahead, float (*out)[COLS]) {
+inline void tile(const TW* const* w, const TV* const* v, int n, float (*out)[COLS]) {
   vec acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = zero();
@@ -111,8 +108,6 @@ inline void tile(const TW* const* w, const TV* const* v, int n, int64_t ahead, f
   for (; k + LANES <= n; k += LANES) {
     vec vv[C];
     for (int c = 0; c < C; ++c) vv[c] = load(v[c] + k);
-    if (ahead)
-      for (int r = 0; r < R; ++r) prefetch(w[r] + k + ahead);
     for (int r = 0; r < R; ++r) {
       const vec ww = load(w[r] + k);
       for (int c = 0; c < C; ++c) acc[r][c] = fma(ww, vv[c], acc[r][c]);
@@ -129,7 +124,7 @@ inline void tile(const TW* const* w, const TV* const* v, int n, int64_t ahead, f
 #ifdef DSV2_BF16_DOT
 // bf16 x bf16: 32 pairs a register, products exact and summed in fp32
 template <int R, int C>
-inline void tile(const bf16* const* w, const bf16* const* v, int n, int64_t ahead, float (*out)[COLS]) {
+inline void tile(const bf16* const* w, const bf16* const* v, int n, float (*out)[COLS]) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -137,8 +132,6 @@ inline void tile(const bf16* const* w, const bf16* const* v, int n, int64_t ahea
   for (; k + 32 <= n; k += 32) {
     __m512bh vv[C];
     for (int c = 0; c < C; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(v[c] + k);
-    if (ahead)
-      for (int r = 0; r < R; ++r) prefetch(w[r] + k + ahead);
     for (int r = 0; r < R; ++r) {
       const __m512bh ww = (__m512bh)_mm512_loadu_si512(w[r] + k);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], ww, vv[c]);
@@ -158,32 +151,30 @@ inline void tile(const bf16* const* w, const bf16* const* v, int n, int64_t ahea
 }
 #endif
 
-// acc[r][c] = w[r] . v[c] for r < nr <= ROWS, c < nc <= COLS (the tile's size chosen at run time); `ahead` (elements,
-// 0: none) prefetches each weight row that far ahead -- where the next tile's rows lie.
+// acc[r][c] = w[r] . v[c] for r < nr <= ROWS, c < nc <= COLS (the tile's size chosen at run time)
 template <int R, int C, class TW, class TV>
-inline void tile_upto(const TW* const* w, const TV* const* v, int nc, int n, int64_t ahead, float (*out)[COLS]) {
+inline void tile_upto(const TW* const* w, const TV* const* v, int nc, int n, float (*out)[COLS]) {
   if constexpr (C == 1) {
-    tile<R, 1>(w, v, n, ahead, out);
+    tile<R, 1>(w, v, n, out);
   } else {
-    if (nc >= C) tile<R, C>(w, v, n, ahead, out);
-    else tile_upto<R, C - 1>(w, v, nc, n, ahead, out);
+    if (nc >= C) tile<R, C>(w, v, n, out);
+    else tile_upto<R, C - 1>(w, v, nc, n, out);
   }
 }
 
 template <int R, class TW, class TV>
-inline void dots_upto(const TW* const* w, int nr, const TV* const* v, int nc, int n, int64_t ahead,
-                      float (*out)[COLS]) {
+inline void dots_upto(const TW* const* w, int nr, const TV* const* v, int nc, int n, float (*out)[COLS]) {
   if constexpr (R == 1) {
-    tile_upto<1, COLS>(w, v, nc, n, ahead, out);
+    tile_upto<1, COLS>(w, v, nc, n, out);
   } else {
-    if (nr >= R) tile_upto<R, COLS>(w, v, nc, n, ahead, out);
-    else dots_upto<R - 1>(w, nr, v, nc, n, ahead, out);
+    if (nr >= R) tile_upto<R, COLS>(w, v, nc, n, out);
+    else dots_upto<R - 1>(w, nr, v, nc, n, out);
   }
 }
 
 template <class TW, class TV>
-inline void dots(const TW* const* w, int nr, const TV* const* v, int nc, int n, int64_t ahead, float (*out)[COLS]) {
-  dots_upto<ROWS>(w, nr, v, nc, n, ahead, out);
+inline void dots(const TW* const* w, int nr, const TV* const* v, int nc, int n, float (*out)[COLS]) {
+  dots_upto<ROWS>(w, nr, v, nc, n, out);
 }
 
 // This thread's contiguous part [first, last) of n units of work, cut at multiples of `align`.
@@ -194,7 +185,13 @@ inline void share(int64_t n, int64_t align, int64_t* first, int64_t* last) {
   *last = std::min(n, blocks * (me + 1) / threads * align);
 }
 
-constexpr int TOKEN_BLOCK = 64;      // tokens whose activations are reused from L2 per sweep over a weight range
+constexpr int TOKEN_BLOCK = 64;
+
+// Weight rows per tile for an expert with this many tokens. Few tokens (decode): one row at a time, so that each
+// thread reads its weights as one sequential stream -- tiles of four rows read four streams of one row (1-2 KB)
+// each, which the hardware prefetchers do not follow, and measured ~1.6x slower from memory (11-16 vs 23-32 GB/s,
+// 2 threads). Many tokens: four rows, reusing each loaded activation four times where the arithmetic dominates.
+inline int tile_rows(int tokens) { return tokens >= 2 * COLS ? ROWS : 1; }      // tokens whose activations are reused from L2 per sweep over a weight range
 
 template <class TW, class TV>
 void run(const TV* x, int T, int H, const int64_t* idx, const float* wts, int K, const TW* gate, const TW* up,
@@ -224,7 +221,7 @@ void run(const TV* x, int T, int H, const int64_t* idx, const float* wts, int K,
   // pass 1: h[s, j] = gate[e, j] . x[token[s]] and h[s, I + j] = up[e, j] . x[token[s]]. The active experts'
   // 2I rows each (gate rows, then up rows: for stacked gate_up weights, their order in memory) are cut into one
   // contiguous range per thread, so each thread streams its part of the weights front to back in one stream, which
-  // the hardware prefetchers follow (two interleaved streams measured ~30% slower). Then act = silu(gate) * up.
+  // the hardware prefetchers follow. Then act = silu(gate) * up.
   std::vector<float> h(static_cast<size_t>(n_slots) * 2 * I);
   std::vector<TV> act(static_cast<size_t>(n_slots) * I);
   const int64_t n_rows = static_cast<int64_t>(active.size()) * 2 * I;
@@ -239,8 +236,9 @@ void run(const TV* x, int T, int H, const int64_t* idx, const float* wts, int K,
       first += j1 - j0;
       for (int b0 = count[e]; b0 < count[e + 1]; b0 += TOKEN_BLOCK) {
         const int b1 = std::min(count[e + 1], b0 + TOKEN_BLOCK);
-        for (int j = j0; j < j1; j += ROWS) {
-          const int nj = std::min(ROWS, j1 - j);
+        const int rows = tile_rows(b1 - b0);
+        for (int j = j0; j < j1; j += rows) {
+          const int nj = std::min(rows, j1 - j);
           const TW* w[ROWS];
           for (int r = 0; r < nj; ++r)
             w[r] = (j + r < I ? gate + static_cast<int64_t>(j + r) * H : up + static_cast<int64_t>(j + r - I) * H)
@@ -250,7 +248,7 @@ void run(const TV* x, int T, int H, const int64_t* idx, const float* wts, int K,
             const TV* v[COLS];
             for (int c = 0; c < ns; ++c) v[c] = x + static_cast<int64_t>(token[s + c]) * H;
             float acc[ROWS][COLS];
-            dots(w, nj, v, ns, H, s == b0 ? nj * H : 0, acc);
+            dots(w, nj, v, ns, H, acc);
             for (int r = 0; r < nj; ++r)
               for (int c = 0; c < ns; ++c) h[static_cast<size_t>(s + c) * 2 * I + j + r] = acc[r][c];
           }
@@ -284,8 +282,9 @@ void run(const TV* x, int T, int H, const int64_t* idx, const float* wts, int K,
       const TW* d = down + e * d_stride;
       for (int b0 = count[e]; b0 < count[e + 1]; b0 += TOKEN_BLOCK) {
         const int b1 = std::min(count[e + 1], b0 + TOKEN_BLOCK);
-        for (int i = i0; i < i1; i += ROWS) {
-          const int ni = std::min(ROWS, i1 - i);
+        const int rows = tile_rows(b1 - b0);
+        for (int i = i0; i < i1; i += rows) {
+          const int ni = std::min(rows, i1 - i);
           const TW* w[ROWS];
           for (int r = 0; r < ni; ++r) w[r] = d + static_cast<int64_t>(i + r) * I;
           for (int s = b0; s < b1; s += COLS) {
@@ -293,7 +292,7 @@ void run(const TV* x, int T, int H, const int64_t* idx, const float* wts, int K,
             const TV* v[COLS];
             for (int c = 0; c < ns; ++c) v[c] = act.data() + static_cast<size_t>(s + c) * I;
             float acc[ROWS][COLS];
-            dots(w, ni, v, ns, I, s == b0 ? ni * I : 0, acc);
+            dots(w, ni, v, ns, I, acc);
             for (int c = 0; c < ns; ++c) {
               float* row = sum.data() + static_cast<size_t>(token[s + c]) * H;
               for (int r = 0; r < ni; ++r) row[i + r] += weight[s + c] * (NARROW ? rounded(acc[r][c]) : acc[r][c]);
