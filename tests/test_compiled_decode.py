@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import TINY, make_llm_dir
 from dsv2.capability import inference_plan
@@ -18,7 +19,9 @@ from dsv2.engine.compiled import Sealed, compiler_unavailable_reason, seal, unsu
 from dsv2.engine.runner import ModelRunner, StepInputs
 from dsv2.model import build_model
 from dsv2.model.inference import prepare_for_inference, quantize_int8
-from dsv2.model.moe import ExpertGroup
+from dsv2.kernels import cpu_moe
+from dsv2.model.layers import MLP
+from dsv2.model.moe import ExpertGroup, Experts
 
 needs_compiler = pytest.mark.skipif(compiler_unavailable_reason() is not None,
                                     reason=f"torch.compile cannot build CPU code here: {compiler_unavailable_reason()}")
@@ -62,6 +65,23 @@ def test_compiled_decode_equals_the_eager_step():
     assert fast.compiled._seen == {True}
     fast = assert_twins(model, [5, 18, 11], forced_tokens=8)
     assert fast.compiled._seen == {False}
+
+
+@needs_compiler
+@pytest.mark.skipif(cpu_moe.kernel() is None, reason=f"CPU kernel not built: {cpu_moe.unavailable_reason()}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_single_sequence_through_the_cpu_kernel(monkeypatch, dtype):
+    """With every matrix counted large enough, the one-sequence step multiplies in kernels/moe_cpu.cpp (the
+    dsv2::cpu_linear / cpu_mlp / cpu_experts operators) instead of generated loops: still the eager step's logits,
+    within 1e-5 in fp32 and bf16's rounding in bf16 (the eager twin rounds each op's output where the compiled
+    graph keeps fp32)."""
+    monkeypatch.setattr(compiled_mod, "ONE_ROW_KERNEL_ELEMENTS", 0)
+    model = tiny_model(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.15)
+    fast = assert_twins(model, [9], cache_dtype=dtype, **tol)
+    assert fast.compiled._seen == {True}
+    sealed = [m for m in model.modules() if isinstance(m, Sealed) and type(m.inner) in (nn.Linear, MLP, Experts)]
+    assert sealed and all(m.cpu_kernel for m in sealed)
 
 
 @needs_compiler

@@ -101,6 +101,25 @@ def test_mlp(dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_linear(T):
+    """cpu_moe.linear (the compiled single-sequence step's large matrices) against F.linear: fp32 to summation
+    order, bf16 to one rounding of the output, fp32 rows over bf16 weights unrounded."""
+    g = torch.Generator().manual_seed(T)
+    w, x = torch.randn(70, 130, generator=g) * 0.1, torch.randn(2, T, 130, generator=g)
+    ref = F.linear(x.double(), w.double())
+    out = cpu_moe.linear(x, w)
+    assert out.shape == (2, T, 70) and (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    wb, xb = w.bfloat16(), x.bfloat16()
+    ref = F.linear(xb.double(), wb.double())
+    out = cpu_moe.linear(xb, wb)
+    assert out.dtype == torch.bfloat16 and (out.double() - ref).abs().max() <= 2 ** -8 * ref.abs().max()
+    out = cpu_moe.linear(x, wb)
+    ref = F.linear(x.double(), wb.double())
+    assert out.dtype == torch.float32 and (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_kernel
 def test_modules_take_the_kernel_only_for_inference(monkeypatch):
     """Experts.forward and MLP.forward call the kernel on frozen weights and few rows, never for trainable weights
     (the torch path keeps gradients, and a trainable model's no_grad forward stays bit for bit training's), never

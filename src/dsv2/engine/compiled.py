@@ -81,6 +81,7 @@ class Sealed(nn.Module):
     def __init__(self, inner: nn.Module, handle: int, out_features: int | None):
         super().__init__()
         self.inner, self.handle, self.out_features_or_same = inner, handle, out_features
+        self.cpu_kernel = ONE_ROW_KERNEL and one_row_kernel(inner)  # decided here, outside tracing
         _MODULES[handle] = inner
 
     def __getattr__(self, name: str):
@@ -97,15 +98,47 @@ class Sealed(nn.Module):
             weights, idx = args[:2]
             if len(args) > 2 and args[2] is not None:
                 raise RuntimeError("token dropping is a training feature; a sealed model only runs inference")
+            if one_row and self.cpu_kernel:
+                return torch.ops.dsv2.cpu_experts(x, inner.gate_up_proj, inner.down_proj, weights, idx)
             if one_row and type(inner) is Experts:
                 return experts_one_row(inner, x, weights, idx)
             return torch.ops.dsv2.routed_experts(x, weights, idx, self.handle)
         if type(inner) is nn.Linear:
+            if one_row and self.cpu_kernel:
+                y = torch.ops.dsv2.cpu_linear(x, inner.weight)
+                return y if inner.bias is None else y + inner.bias
             return linear_one_row(x, inner.weight, inner.bias) if one_row else inner(x)
         if type(inner) is MLP and one_row:
+            if self.cpu_kernel:
+                return torch.ops.dsv2.cpu_mlp(x, inner.gate_proj.weight, inner.up_proj.weight, inner.down_proj.weight)
             return mlp_one_row(inner, x)
         out = x.shape[-1] if self.out_features_or_same is None else self.out_features_or_same
         return torch.ops.dsv2.matrix_module(x, self.handle, out)
+
+
+# ---- plain weights, one row: the CPU kernel for large matrices, else matrix-vector products Inductor generates ----
+# A single-sequence step's matrices of at least ONE_ROW_KERNEL_ELEMENTS elements (the lm_head, MLPs, a MoE layer's
+# routed experts) go to kernels/moe_cpu.cpp as opaque operators: one sequential weight stream per thread, measured
+# faster than Inductor's generated loops from memory (BENCHMARKS.md); smaller ones stay generated, where a call's
+# ~15 us would cost more than it saves. ONE_ROW_KERNEL = False keeps every product generated (the A/B switch).
+ONE_ROW_KERNEL = True
+ONE_ROW_KERNEL_ELEMENTS = 1 << 20
+
+
+def one_row_kernel(module: nn.Module) -> bool:
+    """Whether a sealed module's single-row product runs in the CPU kernel (plain frozen CPU weights, big enough)."""
+    from ..kernels import cpu_moe
+    if type(module) is Experts:
+        weight, elements = module.gate_up_proj, module.gate_up_proj[0].numel() * 3 // 2
+    elif type(module) is MLP and all(type(m) is nn.Linear and m.bias is None
+                                     for m in (module.gate_proj, module.up_proj, module.down_proj)):
+        weight, elements = module.gate_proj.weight, module.gate_proj.weight.numel() * 3
+    elif type(module) is nn.Linear:
+        weight, elements = module.weight, module.weight.numel()
+    else:
+        return False
+    return (elements >= ONE_ROW_KERNEL_ELEMENTS and weight.device.type == "cpu" and not weight.requires_grad
+            and weight.dtype in (torch.bfloat16, torch.float32) and cpu_moe.kernel() is not None)
 
 
 # ---- plain weights, one row: matrix-vector products Inductor generates ------------------------------------------

@@ -99,6 +99,26 @@ def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
     return y.view(x.shape)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T -> [..., N] in x's dtype, for a few rows (one weight stream per thread)."""
+    lib = kernel()
+    if lib is None:
+        raise RuntimeError(f"the CPU expert kernel is not built here: {unavailable_reason()}")
+    N, K = weight.shape
+    if weight.stride() != (K, 1) or x.shape[-1] != K:
+        raise ValueError(f"weight {tuple(weight.shape)} (strides {weight.stride()}) does not take x {tuple(x.shape)}")
+    rows = x.reshape(-1, K)
+    if rows.dtype != weight.dtype and rows.dtype != torch.float32:
+        rows = rows.float()
+    rows = rows.contiguous()
+    out = torch.empty(*x.shape[:-1], N, dtype=rows.dtype)
+    status = lib.dsv2_linear(rows.data_ptr(), rows.dtype == torch.bfloat16, rows.shape[0], K, weight.data_ptr(),
+                             weight.dtype == torch.bfloat16, N, out.data_ptr(), out.dtype == torch.bfloat16)
+    if status != 0:
+        raise ValueError(f"dsv2_linear rejected x {rows.dtype} over weights {weight.dtype}")
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 def kernel() -> ctypes.CDLL | None:
     """The built library, or None when it cannot be built here (`unavailable_reason()` says why). Built once per
     process and machine kind; a failed build is not retried in the process."""
@@ -122,5 +142,31 @@ def _load() -> ctypes.CDLL | str:
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     return load(SOURCE, {"dsv2_swiglu_experts": ([ptr, i32, i32, i32, ptr, ptr, i32, ptr, ptr, i64, ptr, i64, i32,
                                                   i32, i32, ptr, i32], i32),
+                         "dsv2_linear": ([ptr, i32, i32, i32, ptr, i32, i32, ptr, i32], i32),
                          "dsv2_swiglu_experts_bf16_dot": ([], i32)},
                 "CPU experts run through torch's matmuls, slower at decode")
+
+
+# Opaque operators for compiled decode (engine/compiled.py): the kernel's products as single graph nodes.
+_LIB = torch.library.Library("dsv2", "FRAGMENT")
+_LIB.define("cpu_linear(Tensor x, Tensor weight) -> Tensor")
+_LIB.define("cpu_mlp(Tensor x, Tensor gate, Tensor up, Tensor down) -> Tensor")
+_LIB.define("cpu_experts(Tensor x, Tensor gate_up, Tensor down, Tensor weights, Tensor idx) -> Tensor")
+_LIB.impl("cpu_linear", linear, "CompositeExplicitAutograd")
+_LIB.impl("cpu_mlp", mlp, "CompositeExplicitAutograd")
+_LIB.impl("cpu_experts", stacked_experts, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("dsv2::cpu_linear")
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("dsv2::cpu_mlp")
+def _(x, gate, up, down):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("dsv2::cpu_experts")
+def _(x, gate_up, down, weights, idx):
+    return torch.empty_like(x)

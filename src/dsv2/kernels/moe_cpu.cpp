@@ -310,6 +310,38 @@ void run(const TV* x, int T, int H, const int64_t* idx, const float* wts, int K,
   }
 }
 
+// out[t, n] = w[n] . x[t] for T few rows: each thread streams a contiguous range of the weight's N rows.
+template <class TW, class TV>
+void linear(const TV* x, int T, int K, const TW* w, int N, void* out_ptr, bool out_bf16) {
+  const int rows = tile_rows(T);
+#pragma omp parallel
+  {
+    int64_t first, last;
+    share(N, ROWS, &first, &last);
+    for (int b0 = 0; b0 < T; b0 += TOKEN_BLOCK) {
+      const int b1 = std::min(T, b0 + TOKEN_BLOCK);
+      for (int64_t n = first; n < last; n += rows) {
+        const int nr = static_cast<int>(std::min<int64_t>(rows, last - n));
+        const TW* wr[ROWS];
+        for (int r = 0; r < nr; ++r) wr[r] = w + (n + r) * K;
+        for (int t = b0; t < b1; t += COLS) {
+          const int nt = std::min(COLS, b1 - t);
+          const TV* v[COLS];
+          for (int c = 0; c < nt; ++c) v[c] = x + static_cast<int64_t>(t + c) * K;
+          float acc[ROWS][COLS];
+          dots(wr, nr, v, nt, K, acc);
+          for (int c = 0; c < nt; ++c)
+            for (int r = 0; r < nr; ++r) {
+              const int64_t at = static_cast<int64_t>(t + c) * N + n + r;
+              if (out_bf16) store(static_cast<bf16*>(out_ptr) + at, acc[r][c]);
+              else store(static_cast<float*>(out_ptr) + at, acc[r][c]);
+            }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // x [T, H] (bf16 if x_bf16, else fp32); idx [T, K] int64 and wts [T, K] fp32 (idx null: every token through expert
@@ -334,6 +366,21 @@ extern "C" int dsv2_swiglu_experts(const void* x, int x_bf16, int T, int H, cons
   else
     run(static_cast<const float*>(x), T, H, idx, wts, K, static_cast<const float*>(gate),
         static_cast<const float*>(up), gu_stride, static_cast<const float*>(down), d_stride, E, I, out, out_bf16);
+  return 0;
+}
+
+// out [T, N] = x [T, K] . w [N, K]^T (bf16 if out_bf16, else fp32): a linear layer's few rows (decode). x bf16 if
+// x_bf16, else fp32; w bf16 if w_bf16, else fp32 (bf16 x over fp32 w is refused: -2).
+extern "C" int dsv2_linear(const void* x, int x_bf16, int T, int K, const void* w, int w_bf16, int N, void* out,
+                           int out_bf16) {
+  if (w_bf16 && x_bf16)
+    linear(static_cast<const bf16*>(x), T, K, static_cast<const bf16*>(w), N, out, out_bf16);
+  else if (w_bf16)
+    linear(static_cast<const float*>(x), T, K, static_cast<const bf16*>(w), N, out, out_bf16);
+  else if (x_bf16)
+    return -2;
+  else
+    linear(static_cast<const float*>(x), T, K, static_cast<const float*>(w), N, out, out_bf16);
   return 0;
 }
 
