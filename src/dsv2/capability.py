@@ -324,8 +324,12 @@ class InferencePlan:
             f"linear {many}": gemm,
             "routed experts": (f"up to {_expert_rows()} tokens: one C++ call a layer over all chosen experts on their "
                                "stacked weights (kernels/moe_cpu.cpp); more: tokens grouped by expert, each group "
-                               "through the linear kernels above") if self.cpu_experts_kernel else
+                               + (f"through torch's {w} matmul" if self.weights == "packed" else
+                                  "through the linear kernels above")) if self.cpu_experts_kernel else
                               "tokens grouped by expert, each group through the linear kernels above",
+            **({"dense / shared MLPs": f"up to {_expert_rows('MLP_ROWS')} rows: one C++ call (kernels/moe_cpu.cpp); more: "
+                                       "the linear kernels above"}
+               if self.cpu_experts_kernel and self.weights in ("plain", "upcast") else {}),
             "router": "fp32 matmul and softmax (weights kept fp32)",
             "prefill attention": f"scaled_dot_product_attention in {c} (v padded to the q/k head dim)",
             "decode attention": f"absorbed MLA over the {_name(self.cache_dtype)} latent cache, scores and softmax "
@@ -343,7 +347,7 @@ class InferencePlan:
         if self.weights == "int8":
             return {f"{kinds}, lm_head": "int8, a scale per output row", **plain}
         if self.weights == "packed" and self.cpu_experts_kernel:
-            return {f"{kinds.removesuffix(' and routed experts')} and shared experts, lm_head": f"{w}, oneDNN-prepacked",
+            return {"attention projections, dense MLPs, shared experts, lm_head": f"{w}, oneDNN-prepacked",
                     "routed experts": f"{w}, stacked (for kernels/moe_cpu.cpp)", **plain}
         if self.weights == "packed":
             return {f"{kinds}, lm_head": f"{w}, oneDNN-prepacked", **plain}
@@ -358,9 +362,10 @@ class InferencePlan:
                 "formats": self.formats(), "kernels": self.kernels(), "notes": list(self.notes)}
 
 
-def _expert_rows() -> int:
-    from .kernels.cpu_moe import EXPERT_ROWS
-    return EXPERT_ROWS
+def _expert_rows(name: str = "EXPERT_ROWS") -> int:
+    """kernels/cpu_moe.py's row limit `name` (EXPERT_ROWS or MLP_ROWS)."""
+    from .kernels import cpu_moe
+    return getattr(cpu_moe, name)
 
 
 def _name(dtype: torch.dtype) -> str:

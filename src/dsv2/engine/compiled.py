@@ -9,7 +9,9 @@ upcast -- and several of them hold tensors Inductor cannot take (oneDNN's opaque
 opaque: `seal(model)` wraps every matrix module (linears, dense/shared MLPs, routed experts) so that, while
 compiling, it appears in the graph as one custom operator (`dsv2::matrix_module`, `dsv2::routed_experts`) that
 calls the module eagerly. Outside compilation the wrappers call the module directly, so the eager paths (prefill,
-mixed steps) are unchanged. The routed experts keep their host-side grouping (one call per layer), so the graph
+mixed steps) are unchanged. A single-sequence step with plain weights multiplies its large matrices (lm_head, MLPs,
+a layer's routed experts) in the CPU kernel of kernels/moe_cpu.cpp, as the opaque operators dsv2::cpu_linear /
+cpu_mlp / cpu_experts, and the smaller ones in matrix-vector code Inductor generates (see one_row_kernel). The routed experts keep their host-side grouping (one call per layer), so the graph
 has no break: the step's Python work is one compiled call plus the opaque modules.
 
 Shapes are dynamic (batch and block-table width), so one compilation serves every batch and context; Dynamo

@@ -1,19 +1,18 @@
 """SwiGLU experts on the CPU in one C++ call (moe_cpu.cpp): a MoE layer's routed experts over all of their tokens,
-or one dense / shared-experts MLP, for inference on few rows (decode).
+one dense / shared-experts MLP, or a plain linear, for inference on few rows (decode).
 
 Eager PyTorch multiplies routed experts one expert at a time: at 16 decode sequences ~28 of 32 experts a layer each
 get ~2 rows, and every one of those products pays a library call and a pass over the weight at a matrix-vector
 product's speed. The kernel groups the layer's assignments by expert in C++, reads each weight row once and dots it
-with all of that expert's tokens from registers, gate and up together, then the down projection with the weighted
-combine, split among the threads by output columns. At one row it is a matrix-vector product reading several rows
-per pass (bf16 dot-product instructions on AVX-512 BF16 CPUs, widened fp32 FMAs on AVX-512 / AVX2).
+with all of that expert's tokens from registers (gate and up rows, then down with the weighted combine), each thread
+streaming one contiguous range of the weights (bf16 dot-product instructions on AVX-512 BF16 CPUs, widened fp32 FMAs
+on AVX-512 / AVX2).
 
 The slow twins are the torch paths it replaces (ExpertGroup.forward's grouping loop, Experts.forward_reference,
-MLP's three linears): tests/test_cpu_moe.py compares them. Used where `takes()` says so: CPU, no autograd, bf16 or
-fp32 weights with activations in the same dtype or fp32 (the upcast plan), up to EXPERT_ROWS / MLP_ROWS rows
-(larger products stay with oneDNN's blocked GEMM, which is faster there). With a bf16 model the roundings differ
-from the twin's (act once instead of gate, up and their product; one sum over the experts in fp32), so results agree
-to bf16 rounding, not bit for bit; fp32 models agree to fp32 summation order.
+MLP's three linears, F.linear): tests/test_cpu_moe.py compares them. Used where `takes()` says so: frozen CPU
+weights, bf16 or fp32, with activations in the same dtype or fp32 (the upcast plan), up to EXPERT_ROWS / MLP_ROWS
+rows (larger products stay with torch's / oneDNN's GEMMs, which are faster there). bf16 intermediates are rounded
+where torch's bf16 operators round them, so the kernel and its twins differ by the order of fp32 sums only.
 
 Shape legend: T tokens, H hidden, K experts per token, E experts, I expert width.
 """
@@ -29,11 +28,11 @@ from .cpu_build import load
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_cpu.cpp")
 
-# Rows up to which the kernel takes a product (benchmarks/cpu_moe.py, mini model widths, 2 threads, AMD EPYC Zen 4):
-# a layer's routed experts 2.2-3.2x faster than oneDNN's prepacked per-expert calls at 1-8 tokens, 1.8x at 16, 0.9x
-# from 64 on, and 1.4x torch's plain per-expert loop at 128 (about even at 256); one MLP faster than torch's plain
-# matmuls up to 8 rows (1.5x), slower from 16. Past these, torch's matmuls (the kernel's tiles are built for
-# reading weights, not for arithmetic).
+# Rows up to which the kernel takes a product (benchmarks/cpu_moe.py, mini model widths, 2 threads, AMD EPYC Zen 4,
+# BENCHMARKS.md): a layer's routed experts 2.2-2.9x oneDNN's prepacked per-expert calls at 1-8 tokens, 1.9x at 16,
+# ~1.0x from 64 on, and 1.2-1.6x torch's plain per-expert loop at 64-256 (0.96x at 256 in a noisier run); one MLP
+# 1.5x torch's plain matmuls at 8 rows, 1.1x at 16, 0.7x from 64. The kernel's tiles are built for reading weights,
+# not for arithmetic.
 EXPERT_ROWS = 128
 MLP_ROWS = 8
 

@@ -1,5 +1,6 @@
 // SwiGLU experts on the CPU for few tokens: the routed experts of a MoE layer in one call (grouped by expert), or
-// one dense / shared-experts MLP (one expert that every token goes through with weight 1).
+// one dense / shared-experts MLP (one expert that every token goes through with weight 1); and a plain linear
+// (dsv2_linear) with the same tiles.
 //
 // For token t and its chosen experts e with weights w (fp32):
 //   act[s]  = silu(x[t] . gate[e]^T) * (x[t] . up[e]^T)
@@ -12,7 +13,8 @@
 // Decode multiplies few rows by each weight, so the work is reading weights: every weight row is read from memory
 // once per call and dotted with all of its expert's tokens while in L1 (register tiles of one weight row -- four
 // when an expert has many tokens -- x COLS tokens; the tokens come in blocks of TOKEN_BLOCK so that a block's
-// activations stay in L2). Two passes, each thread streaming one contiguous part of the weights, neither with two threads writing the same memory:
+// activations stay in L2). Two passes, each thread streaming one contiguous part of the weights, neither with two
+// threads writing the same memory:
 //   1. gate/up: the active experts' gate and up rows, one after another, cut into a range per thread;
 //   2. down: a range of output columns per thread, over all experts in turn (so it owns those columns of out).
 // The dot products: on CPUs with AVX-512 BF16 a bf16 x bf16 product sums pairs by the bf16 dot-product
@@ -185,13 +187,13 @@ inline void share(int64_t n, int64_t align, int64_t* first, int64_t* last) {
   *last = std::min(n, blocks * (me + 1) / threads * align);
 }
 
-constexpr int TOKEN_BLOCK = 64;
+constexpr int TOKEN_BLOCK = 64;  // tokens whose activations are reused from L2 per sweep over a weight range
 
 // Weight rows per tile for an expert with this many tokens. Few tokens (decode): one row at a time, so that each
 // thread reads its weights as one sequential stream -- tiles of four rows read four streams of one row (1-2 KB)
 // each, which the hardware prefetchers do not follow, and measured ~1.6x slower from memory (11-16 vs 23-32 GB/s,
 // 2 threads). Many tokens: four rows, reusing each loaded activation four times where the arithmetic dominates.
-inline int tile_rows(int tokens) { return tokens >= 2 * COLS ? ROWS : 1; }      // tokens whose activations are reused from L2 per sweep over a weight range
+inline int tile_rows(int tokens) { return tokens >= 2 * COLS ? ROWS : 1; }
 
 template <class TW, class TV>
 void run(const TV* x, int T, int H, const int64_t* idx, const float* wts, int K, const TW* gate, const TW* up,
