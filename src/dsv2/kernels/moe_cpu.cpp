@@ -192,8 +192,8 @@ constexpr int TOKEN_BLOCK = 64;  // tokens whose activations are reused from L2 
 // Weight rows per tile for an expert with this many tokens. Few tokens (decode): one row at a time, so that each
 // thread reads its weights as one sequential stream -- tiles of four rows read four streams of one row (1-2 KB)
 // each, which the hardware prefetchers do not follow, and measured ~1.6x slower from memory (11-16 vs 23-32 GB/s,
-// 2 threads). From COLS tokens on: four rows, reusing each loaded activation four times where arithmetic dominates.
-inline int tile_rows(int tokens) { return tokens >= COLS ? ROWS : 1; }
+// 2 threads). From 4 tokens on: four rows, reusing each loaded activation four times where arithmetic dominates.
+inline int tile_rows(int tokens) { return tokens >= 4 ? ROWS : 1; }
 
 template <class TW, class TV>
 void run(const TV* x, int T, int H, const int64_t* idx, const float* wts, int K, const TW* gate, const TW* up,
