@@ -297,6 +297,7 @@ class InferencePlan:
 
     def kernels(self) -> dict[str, str]:
         """Each kind of matmul -> the kernel that runs it, readable."""
+        from .kernels.cpu_moe import EXPERT_ROWS, MLP_ROWS
         c, w = _name(self.compute_dtype), _name(self.weight_dtype)
         few, many = f"<= {self.gemv_rows} rows (decode)", f"> {self.gemv_rows} rows (prefill, big batches)"
         if self.weights == "packed":
@@ -322,12 +323,12 @@ class InferencePlan:
         return {
             f"linear {few}": gemv,
             f"linear {many}": gemm,
-            "routed experts": (f"up to {_expert_rows()} tokens: one C++ call a layer over all chosen experts on their "
+            "routed experts": (f"up to {EXPERT_ROWS} tokens: one C++ call a layer over all chosen experts on their "
                                "stacked weights (kernels/moe_cpu.cpp); more: tokens grouped by expert, each group "
                                + (f"through torch's {w} matmul" if self.weights == "packed" else
                                   "through the linear kernels above")) if self.cpu_experts_kernel else
                               "tokens grouped by expert, each group through the linear kernels above",
-            **({"dense / shared MLPs": f"up to {_expert_rows('MLP_ROWS')} rows: one C++ call (kernels/moe_cpu.cpp); more: "
+            **({"dense / shared MLPs": f"up to {MLP_ROWS} rows: one C++ call (kernels/moe_cpu.cpp); more: "
                                        "the linear kernels above"}
                if self.cpu_experts_kernel and self.weights in ("plain", "upcast") else {}),
             "router": "fp32 matmul and softmax (weights kept fp32)",
@@ -360,12 +361,6 @@ class InferencePlan:
                 "int8_kernel": self.int8_kernel, "int4_kernel": self.int4_kernel, "group_size": self.group_size,
                 "cpu_experts_kernel": self.cpu_experts_kernel,
                 "formats": self.formats(), "kernels": self.kernels(), "notes": list(self.notes)}
-
-
-def _expert_rows(name: str = "EXPERT_ROWS") -> int:
-    """kernels/cpu_moe.py's row limit `name` (EXPERT_ROWS or MLP_ROWS)."""
-    from .kernels import cpu_moe
-    return getattr(cpu_moe, name)
 
 
 def _name(dtype: torch.dtype) -> str:

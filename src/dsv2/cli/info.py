@@ -87,17 +87,19 @@ def describe_system(device: str | None = None, dtype: str = "auto", quantization
     reason = compiler_unavailable_reason()
     out["compiled_decode"] = {"available": reason is None, "reason": reason or "a C++ compiler and Inductor are here"}
     if device == "cpu":
-        from ..kernels import cpu_mla
-        reason = cpu_mla.unavailable_reason()  # builds the kernel if it is not in the cache yet (~1 s)
-        out["decode_attention_kernel"] = {
-            "available": reason is None, "bf16_dot": reason is None and cpu_mla.bf16_dot(),
-            "reason": reason or f"built with {' '.join(cpu_mla.arch_flags()) or 'the compiler defaults'}"}
-        from ..kernels import cpu_moe
-        reason = cpu_moe.unavailable_reason()
-        out["experts_kernel"] = {
-            "available": reason is None, "bf16_dot": reason is None and cpu_moe.bf16_dot(),
-            "reason": reason or f"built with {' '.join(cpu_mla.arch_flags()) or 'the compiler defaults'}"}
+        from ..kernels import cpu_mla, cpu_moe
+        # each builds its kernel if it is not in the cache yet (~1-2 s)
+        out["decode_attention_kernel"] = _kernel_state(cpu_mla.unavailable_reason, cpu_mla.bf16_dot)
+        out["experts_kernel"] = _kernel_state(cpu_moe.unavailable_reason, cpu_moe.bf16_dot)
     return out
+
+
+def _kernel_state(unavailable_reason, bf16_dot) -> dict:
+    """One C++ CPU kernel's state: built or not (and why), and whether it uses bf16 dot-product instructions."""
+    from ..kernels.cpu_build import arch_flags
+    reason = unavailable_reason()
+    return {"available": reason is None, "bf16_dot": reason is None and bf16_dot(),
+            "reason": reason or f"built with {' '.join(arch_flags()) or 'the compiler defaults'}"}
 
 
 def run_system(args) -> int:
@@ -116,16 +118,13 @@ def run_system(args) -> int:
             ("int4 kernel", yes("int4_kernel")),
             ("compiled decode", ("yes" if d["compiled_decode"]["available"] else "no")
              + f" (--compile): {d['compiled_decode']['reason']}")]
-    if "decode_attention_kernel" in d:
-        k = d["decode_attention_kernel"]
-        rows.append(("decode attention", (f"C++ kernel, {k['reason']}" + (", bf16 dot-product scores" if k["bf16_dot"]
-                                                                          else "")) if k["available"]
-                     else f"SDPA (the C++ kernel is not built: {k['reason']})"))
-    if "experts_kernel" in d:
-        k = d["experts_kernel"]
-        rows.append(("experts, decode", (f"C++ kernel, {k['reason']}" + (", bf16 dot products" if k["bf16_dot"]
-                                                                         else "")) if k["available"]
-                     else f"torch matmuls per expert (the C++ kernel is not built: {k['reason']})"))
+    for key, what, dot, fallback in (("decode_attention_kernel", "decode attention", "bf16 dot-product scores", "SDPA"),
+                                      ("experts_kernel", "experts, decode", "bf16 dot products",
+                                       "torch matmuls per expert")):
+        if key in d:
+            k = d[key]
+            rows.append((what, f"C++ kernel, {k['reason']}" + (f", {dot}" if k["bf16_dot"] else "") if k["available"]
+                         else f"{fallback} (the C++ kernel is not built: {k['reason']})"))
     if "cuda" in d:
         rows.append(("cuda", ", ".join(d["cuda"])))
     rows.append(("plan", f"{plan['device']}, dtype {args.dtype}"

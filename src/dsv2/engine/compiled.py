@@ -11,8 +11,9 @@ compiling, it appears in the graph as one custom operator (`dsv2::matrix_module`
 calls the module eagerly. Outside compilation the wrappers call the module directly, so the eager paths (prefill,
 mixed steps) are unchanged. A single-sequence step with plain weights multiplies its large matrices (lm_head, MLPs,
 a layer's routed experts) in the CPU kernel of kernels/moe_cpu.cpp, as the opaque operators dsv2::cpu_linear /
-cpu_mlp / cpu_experts, and the smaller ones in matrix-vector code Inductor generates (see one_row_kernel). The routed experts keep their host-side grouping (one call per layer), so the graph
-has no break: the step's Python work is one compiled call plus the opaque modules.
+cpu_mlp / cpu_experts, and the smaller ones in matrix-vector code Inductor generates (see one_row_kernel). The
+routed experts keep their host-side grouping (one call per layer), so the graph has no break: the step's Python
+work is one compiled call plus the opaque modules.
 
 Shapes are dynamic (batch and block-table width), so one compilation serves every batch and context; Dynamo
 specialises a batch of one, so the warm-up compiles twice. Compilation needs a C++ compiler at run time:
@@ -228,7 +229,7 @@ def use_isa_cache_dir() -> str:
 
 def compiler_unavailable_reason() -> str | None:
     """Why torch.compile cannot build CPU code here (Inductor compiles C++ at run time); None when it can."""
-    from ..kernels.cpu_mla import compiler
+    from ..kernels.cpu_build import compiler
     if compiler() is None:
         return f"no C++ compiler found ({os.environ.get('CXX') or 'g++'}, c++ or clang++ on PATH); install g++ or set CXX"
     try:

@@ -60,6 +60,10 @@ inline bf16 round_bf16(float f) {  // round to nearest even, as torch's .to(torc
 inline float rounded(float f) { return widen(round_bf16(f)); }  // f's nearest bf16, as fp32
 inline void store(bf16* p, float f) { *p = round_bf16(f); }
 inline void store(float* p, float f) { *p = f; }
+inline void put(void* out, bool out_bf16, int64_t at, float f) {  // element `at` of an output, bf16 or fp32
+  if (out_bf16) store(static_cast<bf16*>(out) + at, f);
+  else store(static_cast<float*>(out) + at, f);
+}
 
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
@@ -305,9 +309,8 @@ void run(const TV* x, int T, int H, const int64_t* idx, const float* wts, int K,
     }
     for (int t = 0; t < T; ++t)
       for (int i = i0; i < i1; ++i) {
-        const float y = sum[static_cast<size_t>(t) * H + i];
-        if (out_bf16) store(static_cast<bf16*>(out_ptr) + static_cast<size_t>(t) * H + i, y);
-        else store(static_cast<float*>(out_ptr) + static_cast<size_t>(t) * H + i, y);
+        const int64_t at = static_cast<int64_t>(t) * H + i;
+        put(out_ptr, out_bf16, at, sum[at]);
       }
   }
 }
@@ -333,11 +336,7 @@ void linear(const TV* x, int T, int K, const TW* w, int N, void* out_ptr, bool o
           float acc[ROWS][COLS];
           dots(wr, nr, v, nt, K, acc);
           for (int c = 0; c < nt; ++c)
-            for (int r = 0; r < nr; ++r) {
-              const int64_t at = static_cast<int64_t>(t + c) * N + n + r;
-              if (out_bf16) store(static_cast<bf16*>(out_ptr) + at, acc[r][c]);
-              else store(static_cast<float*>(out_ptr) + at, acc[r][c]);
-            }
+            for (int r = 0; r < nr; ++r) put(out_ptr, out_bf16, static_cast<int64_t>(t + c) * N + n + r, acc[r][c]);
         }
       }
     }

@@ -86,8 +86,7 @@ class UpcastMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_moe.takes(x, self.gate_up, cpu_moe.MLP_ROWS):  # decode rows: the weights widened inside the kernel
             I = self.down.shape[-1]
-            return cpu_moe.swiglu_experts(x.reshape(-1, x.shape[-1]), self.gate_up[None, :I], self.gate_up[None, I:],
-                                          self.down[None]).view(x.shape)
+            return cpu_moe.mlp(x, self.gate_up[:I], self.gate_up[I:], self.down)
         gate, up = upcast_linear(x, self.gate_up, None, self.gemv_rows, self.workspace).chunk(2, dim=-1)
         return upcast_linear(F.silu(gate) * up, self.down, None, self.gemv_rows, self.workspace)
 
