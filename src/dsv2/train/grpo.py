@@ -46,6 +46,7 @@ from ..engine.sampling_params import SamplingParams
 from ..model.moe import RoutingReplay
 from ..progress import Progress
 from ..tokenizer import Tokenizer
+from .allocator import keep_freed_memory
 from .checkpointing import (append_metrics, list_checkpoints, load_latest, read_metrics, rng_state,
                             save_checkpoint, set_aside_after, set_rng_state)
 from .grpo_config import GRPO_CONFIG, NORMALIZATIONS, GRPOConfig, Prompt, load_prompts, prompt_order, rollout_seed
@@ -243,6 +244,7 @@ def grpo(cfg: GRPOConfig, run_dir: str, resume: bool = False, progress: bool = T
     """Run (or with resume=True continue) the GRPO run in `run_dir`; returns the final summary."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     device = torch.device(cfg.device)
     model_dir = resolve_model_path(cfg.model)
     if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):

@@ -46,11 +46,12 @@ from ..parallel.data_parallel import RouterLog, World, apply_fsdp, check_batch, 
 from ..parallel.expert_parallel import (ExpertParallel, apply_expert_parallel, check_expert_parallel,
                                         clip_grad_norm_ as clip_expert_parallel_grad_norm_, expert_parallel_group,
                                         reduce_expert_grads)
+from .allocator import keep_freed_memory
 from .checkpointing import (append_metrics, checkpoint_path, list_checkpoints, load_latest, prune_checkpoints,
                             rng_state, save_checkpoint, set_aside_after, set_rng_state)
 from .data import TokenShards, TrainBatches, file_sha256, read_manifest
 from .evaluate import evaluate
-from .losses import BalanceCoefficients, LoadStats, balance_loss, cross_entropy
+from .losses import BalanceCoefficients, LoadStats, balance_loss
 from .optim import build_optimizer, lr_at
 from .presets import PRESETS, preset_config
 from .sharded_checkpoint import load_full, load_sharded, save_sharded
@@ -188,6 +189,7 @@ def train(tc: TrainConfig, run_dir: str, resume: bool = False, progress: bool = 
     run (every rank calls train with the same arguments); None for one process."""
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    keep_freed_memory()
     main = world is None or world.main  # logs, prints, writes the run directory
     if world is not None:
         check_batch(tc.batch_size, world.size)
@@ -382,8 +384,7 @@ def train_step(model, opt, moes, batches, tc: TrainConfig, coef, cfg, step: int,
             drop = TokenDropping(tc.capacity_factor, torch.from_numpy(exempt).to(device))
         router_out = RouterLog() if moes else None  # see RouterLog: FSDP would copy a plain dict
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-            logits = model(x, router_out=router_out, drop=drop)  # [B, T, V] fp32
-        ce = cross_entropy(logits, y)
+            ce = model(x, router_out=router_out, drop=drop, targets=y)  # lm_head and the mean loss fused
         loss = ce
         if moes:
             if coef.any:
@@ -398,7 +399,7 @@ def train_step(model, opt, moes, batches, tc: TrainConfig, coef, cfg, step: int,
         (loss / tc.grad_accum).backward()  # FSDP: the gradient's mean over ranks, reduce-scattered to the shards
         out["ce"] += ce.item() / tc.grad_accum
         out["loss"] += loss.item() / tc.grad_accum
-        del logits, router_out
+        del router_out
     if world is not None:
         out = _global_step(out, step_stats, world)
     stats.merge(step_stats)

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import checkpoint_files, load_model, resolve_model_path
 from ..config import ModelConfig
 from ..model.moe import Gate, MoE
 from ..progress import Progress
 from ..tokenizer import Tokenizer
+from .allocator import keep_freed_memory
 from .chat_data import IGNORE, Batch, SftBatches, load_chat_jsonl
 from .checkpointing import (append_metrics, load_latest, rng_state, save_checkpoint, set_aside_after,
                             set_rng_state)
@@ -164,6 +164,7 @@ def sft(cfg: SftConfig, run_dir: str, resume: bool = False, progress: bool = Tru
     """Fine-tune (or with resume=True continue) the run in `run_dir`; returns the final summary."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     device = torch.device(cfg.device)
     resume = resume or resume_step is not None
     model_dir = base_model_dir(cfg)
@@ -302,13 +303,15 @@ def sft(cfg: SftConfig, run_dir: str, resume: bool = False, progress: bool = Tru
     return summary
 
 
-def _forward(model, b: Batch, bf16: bool, device, router_out=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the positions that have a target only, and those targets: [M, V] fp32, [M]."""
+def _loss(model, b: Batch, bf16: bool, device, weight: float, router_out=None) -> torch.Tensor:
+    """weight x the summed cross-entropy of the positions that have a target (only those go through lm_head, fused
+    with the loss)."""
     flat = b.targets.flatten()
     where = (flat != IGNORE).nonzero().squeeze(-1)
+    targets = flat.index_select(0, where)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(b.ids, attn=b.packed, logits_indices=where, router_out=router_out)
-    return logits, flat.index_select(0, where)
+        return model(b.ids, attn=b.packed, logits_indices=where, router_out=router_out, targets=targets,
+                     target_weights=torch.full(targets.shape, weight, device=targets.device))
 
 
 def sft_step(model, opt, batches: SftBatches, cfg: SftConfig, step: int, lr: float, coef: BalanceCoefficients,
@@ -323,8 +326,7 @@ def sft_step(model, opt, batches: SftBatches, cfg: SftConfig, step: int, lr: flo
     step_stats = LoadStats()
     for b in micro:
         router_out = {} if moes else None
-        logits, targets = _forward(model, b, cfg.bf16, device, router_out)
-        ce = F.cross_entropy(logits, targets, reduction="sum") / max(n_targets, 1)
+        ce = _loss(model, b, cfg.bf16, device, 1.0 / max(n_targets, 1), router_out)
         loss = ce
         if moes:
             if coef.any:
@@ -336,7 +338,7 @@ def sft_step(model, opt, batches: SftBatches, cfg: SftConfig, step: int, lr: flo
         loss.backward()
         out["ce"] += ce.item()
         out["loss"] += loss.item()
-        del logits, router_out
+        del router_out
     stats.merge(step_stats)
     if not math.isfinite(out["loss"]):
         raise FloatingPointError(f"the loss is {out['loss']} at step {step + 1}")
@@ -356,8 +358,7 @@ def evaluate_chat(model, batches: SftBatches, batch_size: int, bf16: bool, devic
     total, n = 0.0, 0
     for first in range(0, batches.rows_per_epoch, batch_size):
         b = batches.get(first, min(batch_size, batches.rows_per_epoch - first)).to(device)
-        logits, targets = _forward(model, b, bf16, device)
-        total += float(F.cross_entropy(logits, targets, reduction="sum"))
+        total += float(_loss(model, b, bf16, device, 1.0))
         n += b.n_targets
     model.train(was)
     return {"loss": total / max(n, 1), "targets": n}
