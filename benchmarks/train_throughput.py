@@ -5,8 +5,11 @@ forward + backward + AdamW on random tokens, batch 8 x 512.
     python benchmarks/train_throughput.py --repeat 3 --out benchmarks/results/train_throughput.json
 
 dsv2 runs its real `train_step` (router stats, gradient clipping and the LR schedule included) without and with
-the three balance losses at the paper's coefficients (0.003 / 0.05 / 0.02), in fp32 and under bf16 autocast.
-transformers has no balance losses; it runs through ../shared/bench/hf_train_bench.py in its own process. Each
+the three balance losses at the paper's coefficients (0.003 / 0.05 / 0.02), in fp32 and under bf16 autocast, with
+the C heap set up as `dsv2 train` sets it (train/allocator.py: freed blocks kept for reuse).
+transformers has no balance losses; it runs through ../shared/bench/hf_train_bench.py in its own process, as users
+run it (glibc's default malloc), and with --hf-same-malloc also under the same glibc settings given as MALLOC_*
+environment variables (what that setting alone is worth to transformers). Each
 number is the mean of 5 steps after one warm-up step, as in hf_train_bench.py, with torch's default threads;
 --repeat N runs every measurement N times (each in a fresh model) and keeps the best, which filters out other load.
 Prints a markdown table; --out also writes the numbers as JSON.
@@ -63,9 +66,14 @@ def dsv2_rate(batch: int, seq: int, bf16: bool, balance: bool, steps: int = 5) -
     return batch * seq * steps / (time.perf_counter() - t)
 
 
-def hf_rates(batch: int, seq: int) -> dict[str, float]:
+def hf_rates(batch: int, seq: int, same_malloc: bool = False) -> dict[str, float]:
+    env = dict(os.environ)
+    if same_malloc:
+        from dsv2.train import allocator
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(allocator.TRIM_THRESHOLD),
+                   MALLOC_TOP_PAD_=str(allocator.TOP_PAD))
     out = subprocess.run([sys.executable, HF_BENCH, "--batch", str(batch), "--seq", str(seq)],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=env).stdout
     rates = dict(re.findall(r"transformers train step (fp32|bf16 autocast): (\d+) tokens/s", out))
     return {"fp32": float(rates["fp32"]), "bf16": float(rates["bf16 autocast"])}
 
@@ -77,9 +85,14 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--skip-hf", action="store_true", help="dsv2 only (no transformers installed)")
     ap.add_argument("--repeat", type=int, default=1, help="best of N runs of every measurement")
+    ap.add_argument("--hf-same-malloc", action="store_true",
+                    help="also time transformers under dsv2's glibc malloc settings (MALLOC_* variables)")
     a = ap.parse_args()
+    from dsv2.train.allocator import keep_freed_memory
+    keep_freed_memory()  # what `dsv2 train` does first
 
     hf_runs = [] if a.skip_hf else [hf_rates(a.batch, a.seq) for _ in range(a.repeat)]
+    hf_same = [hf_rates(a.batch, a.seq, same_malloc=True) for _ in range(a.repeat)] if a.hf_same_malloc else []
     rows = []
     for precision, bf16 in (("fp32", False), ("bf16", True)):
         hf = max(r[precision] for r in hf_runs) if hf_runs else None
@@ -87,14 +100,21 @@ def main() -> None:
         bal = max(dsv2_rate(a.batch, a.seq, bf16, balance=True) for _ in range(a.repeat))
         rows.append({"precision": precision, "transformers": hf, "dsv2": round(plain, 1),
                      "dsv2_balance_losses": round(bal, 1)})
+        if hf_same:
+            rows[-1]["transformers_same_malloc"] = max(r[precision] for r in hf_same)
     result = {"config": "train-small (14.2M parameters)", "batch": a.batch, "seq": a.seq, "repeat": a.repeat,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor() or
               platform.machine(), "unit": "training tokens/s (forward + backward + AdamW)", "rows": rows}
-    print("| precision | transformers | dsv2 | dsv2 + balance losses | dsv2 / transformers |")
-    print("|---|---:|---:|---:|---:|")
+    same = " | transformers, dsv2's malloc | dsv2 / that" if hf_same else ""
+    print(f"| precision | transformers | dsv2 | dsv2 + balance losses | dsv2 / transformers{same} |")
+    print("|---|---:|---:|---:|---:" + ("|---:|---:" if hf_same else "") + "|")
     for r in rows:
         ratio = f"{r['dsv2'] / r['transformers']:.2f}x" if r["transformers"] else "-"
-        print(f"| {r['precision']} | {r['transformers'] or '-'} | {r['dsv2']:.0f} | {r['dsv2_balance_losses']:.0f} | {ratio} |")
+        extra = ""
+        if hf_same:
+            extra = f" | {r['transformers_same_malloc']:.0f} | {r['dsv2'] / r['transformers_same_malloc']:.2f}x"
+        print(f"| {r['precision']} | {r['transformers'] or '-'} | {r['dsv2']:.0f} | {r['dsv2_balance_losses']:.0f} | "
+              f"{ratio}{extra} |")
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

@@ -6,6 +6,7 @@
   where it cannot be built), and its paged form as one opaque operator.
 - cpu_moe.py: routed experts / an MLP / a linear on few rows in one C++ call (moe_cpu.cpp), the CPU's decode products.
 - cpu_build.py: building and caching those C++ kernels for this machine's vector ISA at first use.
+- linear_ce.py: lm_head and the cross-entropy fused chunk by chunk (training's loss without the whole logits).
 - moe_grouped.py: routed experts as one grouped GEMM per projection, tokens sorted by expert once, no host sync.
 
 Nothing here imports the model; the model calls in (see each function's docstring for its twin).

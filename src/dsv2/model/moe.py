@@ -89,6 +89,10 @@ class ExpertGroup(nn.Module):
         """Expert e's SwiGLU MLP on its tokens x [c, H]."""
         raise NotImplementedError
 
+    def run_experts(self, parts: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """Every expert on its tokens, parts[e] [c_e, H] -> the outputs of the experts with c_e > 0, in order."""
+        return [self.expert(e, x) for e, x in enumerate(parts) if x.shape[0]]
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H], weights/idx [T, K] -> sum_k weights * expert_idx(x)  [T, H]. keep [T, K] bool (training-time
@@ -111,12 +115,9 @@ class ExpertGroup(nn.Module):
             counts = torch.bincount(flat[kept], minlength=self.n_experts).tolist()
         token = order // K  # which token each sorted slot came from
         xs = x.index_select(0, token)  # [T*K, H], grouped by expert
-        ys, start = [], 0
-        for e, c in enumerate(counts):
-            if c:
-                ys.append(self.expert(e, xs[start:start + c]))
-                start += c
-        ys = torch.cat(ys).float() * weights.flatten()[order].unsqueeze(-1)  # combine in fp32
+        # split, not sliced per expert: a slice's backward zero-fills a whole [T*K, H] gradient for each expert,
+        # split's backward is one concatenation
+        ys = torch.cat(self.run_experts(xs.split(counts))).float() * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, ys).to(x.dtype)
 
 
@@ -131,8 +132,13 @@ class Experts(ExpertGroup):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        return swiglu(x, self.gate_up_proj[e], self.down_proj[e])
+
+    def run_experts(self, parts: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        # the stacks unbound once: indexing gate_up_proj[e] per expert would make backward zero-fill a whole
+        # [E, 2I, H] gradient for every expert and add them up; unbind's backward stacks the E gradients once
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        return [swiglu(x, gate_up[e], down[e]) for e, x in enumerate(parts) if x.shape[0]]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,6 +157,12 @@ class Experts(ExpertGroup):
             w = (weights * (idx == e)).sum(dim=-1, keepdim=True)  # [T, 1], zero where e was not chosen
             out += w * y
         return out.to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert: x [c, H], gate_up [2I, H] (rows [gate | up]), down [H, I] -> [c, H]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
 
 
 class RoutingReplay(dict):

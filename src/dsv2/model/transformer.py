@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..kernels.linear_ce import cross_entropy_of, linear_cross_entropy
 from .layers import MLP, RMSNorm
 from .mla import MLA, PackedSequences, PagedAttention
 from .moe import Experts, Gate, MoE, TokenDropping
@@ -54,13 +55,18 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn: PagedAttention | PackedSequences | None = None, logits_indices: torch.Tensor | None = None,
-                router_out: dict | None = None, drop: TokenDropping | None = None) -> torch.Tensor:
+                router_out: dict | None = None, drop: TokenDropping | None = None,
+                targets: torch.Tensor | None = None, target_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Plain causal forward: input_ids [B, T] -> fp32 logits [B, T, V].
         Packed: input_ids [B, T], attn=PackedSequences(segment_ids [B, T]) -> logits [B, T, V], each packed sequence
         attending only to itself, its positions from 0 (positions [B, T] may be given instead).
         Engine step: input_ids [N], positions [N], attn -> logits [len(logits_indices), V] (rows of the flat batch
         that need a next-token distribution; all rows when logits_indices is None).
-        Training: router_out collects each MoE layer's routing; drop switches on token dropping."""
+        Training: router_out collects each MoE layer's routing; drop switches on token dropping. With targets (the
+        next tokens, aligned with the logits: [B, T], or [M] with logits_indices; IGNORE = -100 counts nothing) the
+        forward returns the fp32 cross-entropy instead of logits -- the mean over the counted targets, or
+        sum_i target_weights_i * CE_i -- with lm_head and the loss fused chunk by chunk (kernels/linear_ce.py: the
+        [.., V] logits are never held whole)."""
         if positions is None:
             positions = (attn.positions if isinstance(attn, PackedSequences)
                          else torch.arange(input_ids.shape[-1], device=input_ids.device))
@@ -76,7 +82,14 @@ class Transformer(nn.Module):
                 x = layer(x, freqs, attn, router_out, drop)
         if logits_indices is not None:
             x = x.flatten(0, -2).index_select(0, logits_indices)  # only rows that are sampled or scored
-        return self.lm_head(self.model.norm(x)).float()
+        h = self.model.norm(x)
+        if targets is None:
+            return self.lm_head(h).float()
+        h, targets = h.flatten(0, -2), targets.flatten()
+        w = None if target_weights is None else target_weights.flatten()
+        if type(self.lm_head) is nn.Linear:  # (a wrapped head -- an FSDP unit, LoRA, a tensor-parallel shard -- is
+            return linear_cross_entropy(h, self.lm_head.weight, targets, w)  # called as a module: the two steps)
+        return cross_entropy_of(self.lm_head(h), targets, w)
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None):

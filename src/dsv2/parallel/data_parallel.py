@@ -137,14 +137,16 @@ def close(world: World | None) -> None:
 
 
 def apply_fsdp(model: Transformer, mesh: DeviceMesh, bf16: bool = False) -> Transformer:
-    """Shard `model` in place over the mesh's "dp" dimension: each Block, the embeddings, the final norm and
-    lm_head are one FSDP unit each (all-gathered just before their forward and backward, freed after), each
-    router its own.
+    """Shard `model` in place over the mesh's "dp" dimension: each Block, the embeddings and the final norm are one
+    FSDP unit each (all-gathered just before their forward and backward, freed after), each router its own.
+    lm_head stays with the root unit: the training loss multiplies its weight inside the model's forward, fused with
+    the cross-entropy (kernels/linear_ce.py), not through lm_head's own forward, so the weight must be gathered for
+    the whole forward (its gradient is made there too, so backward needs no second gather).
 
-    bf16: blocks and lm_head all-gather their weights in bf16 (half the traffic; the matmuls run in bf16 under
-    autocast anyway) and reduce gradients in fp32. The routers stay fp32 (routing is a discrete choice; bf16 logits
-    flip near-ties), and so do the embeddings and the final norm: as under autocast in one process, the residual
-    stream stays fp32 (cast_forward_inputs=False). The one numerical difference from one-process bf16 autocast is
+    bf16: blocks all-gather their weights in bf16 (half the traffic; the matmuls run in bf16 under autocast anyway)
+    and reduce gradients in fp32. The routers stay fp32 (routing is a discrete choice; bf16 logits flip near-ties),
+    and so do the embeddings and the final norm: as under autocast in one process, the residual stream stays fp32
+    (cast_forward_inputs=False). lm_head is gathered with the root in fp32; the loss casts it per chunk. The one numerical difference from one-process bf16 autocast is
     that the blocks' RMSNorm weights are rounded to bf16.
 
     Expert-parallel experts (already split by apply_expert_parallel) are left out: each rank keeps its slice whole
@@ -162,7 +164,6 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, bf16: bool = False) -> Tran
     fully_shard(model.model.norm, mesh=mesh, mp_policy=fp32)
     if not model.config.tie_word_embeddings:  # a tied matrix stays with the root unit, shared by both uses
         fully_shard(model.model.embed_tokens, mesh=mesh, mp_policy=fp32)
-        fully_shard(model.lm_head, mesh=mesh, mp_policy=low)
     fully_shard(model, mesh=mesh, mp_policy=fp32, ignored_params=ignored)
     return model
 

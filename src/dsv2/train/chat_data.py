@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..kernels.linear_ce import IGNORE  # positions without a target
 from ..model.mla import PackedSequences
 from ..tokenizer import ROLES, Tokenizer
 
-IGNORE = -100  # cross_entropy's ignore_index: positions without a target
 
 
 @dataclass

@@ -25,9 +25,9 @@ def evaluate(model, shards: TokenShards, seq_len: int, batch_size: int = 8, limi
     nats, tokens, batches = 0.0, 0, 0
     pending: list = []
 
-    def forward(x):
+    def summed_loss(x, y):  # lm_head and the loss fused (the [B, T, V] logits are never held whole)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return model(x)
+            return model(x, targets=y, target_weights=torch.ones(y.shape, device=y.device))
 
     def run(batch):
         nonlocal nats, tokens, batches
@@ -36,8 +36,7 @@ def evaluate(model, shards: TokenShards, seq_len: int, batch_size: int = 8, limi
             return
         x = torch.stack([torch.from_numpy(w[0]) for w in batch]).to(device)  # [B, T]
         y = torch.stack([torch.from_numpy(w[1]) for w in batch]).to(device)
-        logits = forward(x)
-        nats += float(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+        nats += float(summed_loss(x, y))
         tokens += y.numel()
         if progress is not None:
             progress.update(y.numel() * size)
@@ -55,7 +54,8 @@ def evaluate(model, shards: TokenShards, seq_len: int, batch_size: int = 8, limi
     if world is not None:
         # a sharded model's forward is collective: a rank with fewer batches runs empty ones as the others finish
         for _ in range(-(-batches // size) - len(range(rank, batches, size))):
-            forward(torch.zeros(1, 1, dtype=torch.long, device=device))
+            empty = torch.zeros(1, 1, dtype=torch.long, device=device)
+            summed_loss(empty, empty)
         nats, tokens = world.all_reduce_sum(torch.tensor([nats, tokens], dtype=torch.float64)).tolist()
         tokens = int(tokens)
     model.train(was_training)

@@ -1,5 +1,6 @@
-"""Pretraining losses: next-token cross-entropy and DeepSeek-V2's three MoE balance losses (paper section 2.2.3,
-MODEL_SPEC section 5), plus the expert-load statistics the trainer logs.
+"""Pretraining losses: DeepSeek-V2's three MoE balance losses (paper section 2.2.3, MODEL_SPEC section 5), plus the
+expert-load statistics the trainer logs. (The next-token cross-entropy is the model's own: Transformer.forward with
+targets, lm_head and the loss fused in kernels/linear_ce.py.)
 
 Each balance loss is computed per sequence (`seq_aux`), averaged over the batch's sequences and summed over the
 MoE layers, as the released gate code does for the expert-level loss. Only P (mean affinities) carries gradient;
@@ -13,14 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..model.moe import RouterOutput
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32: logits [B, S, V], targets [B, S]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 @dataclass(frozen=True)
