@@ -47,6 +47,34 @@ def test_stacked_experts_equal_the_per_expert_loop():
         torch.testing.assert_close(moe.experts(x[:1], w1, idx1), moe.experts.forward_reference(x[:1], w1, idx1))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_pads_expert_rows_without_changing_outputs_or_gradients(monkeypatch, bf16):
+    """Training on the CPU pads each expert's rows with zero rows (moe.ROW_MULTIPLE); the unpadded grouping and the
+    every-expert reference are its twins, outputs and gradients."""
+    from dsv2.model import moe as moe_module
+    experts = _model().model.layers[1].mlp.experts.train()
+    x = torch.randn(50, 64)
+    w = torch.rand(50, 3)
+    idx = torch.stack([torch.randperm(8)[:3] for _ in range(50)])
+    idx[:20] = torch.tensor([0, 1, 2])  # uneven loads: 20+ rows for some experts, a few for others
+
+    def run(rows=None):
+        if rows is not None:
+            monkeypatch.setattr(moe_module, "ROW_MULTIPLE", rows)
+        xr = x.clone().requires_grad_()
+        experts.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = experts(xr, w, idx) if rows is not None else experts.forward_reference(xr, w, idx)
+        (y.float() * torch.linspace(-1, 1, 64)).sum().backward()
+        return y.float(), xr.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()
+
+    padded, unpadded, reference = run(16), run(1), run(None)
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    for a, b, c in zip(padded, unpadded, reference):
+        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(a, c, **tol)
+
+
 def test_group_limited_routing_stays_in_the_chosen_groups():
     moe = _model().model.layers[1].mlp
     x = torch.randn(500, 64)
