@@ -68,6 +68,32 @@ def test_compiled_decode_equals_the_eager_step():
 
 
 @needs_compiler
+def test_engines_side_by_side_each_run_their_own_compiled_step():
+    """A compiled step runs with Dynamo's guards skipped but those telling its variants apart: engines that differ
+    in what the graph takes as constants (cache format, block size, weights' dtype), used in turn in one process,
+    must each still run their own variant -- the second round repeats the first bit for bit, and the fp32 engines
+    match their eager twins."""
+    fp32, bf16 = tiny_model(), tiny_model(torch.bfloat16)
+    ps, forced = prompts([7, 13]), prompts([5, 5], seed=1)
+    setups = [(fp32, 40, 4, torch.float32, "auto"), (fp32, 20, 8, torch.float32, "fp8"),
+              (bf16, 40, 4, torch.bfloat16, "auto")]
+    runners = [(ModelRunner(*s), ModelRunner(*s, compile_decode=True)) for s in setups]
+    first = []
+    for round in range(2):  # in turn, twice: the second round runs variants already built, guards skipped
+        for i, ((eager, fast), setup) in enumerate(zip(runners, setups)):
+            out = fast.forced_logits(ps, forced) + fast.forced_logits(ps[:1], forced[:1])  # batch 2, then 1
+            assert fast.compiled.failed is None and fast.compiled._seen == {True, False}
+            if setup[3] == torch.float32:
+                ref = eager.forced_logits(ps, forced) + eager.forced_logits(ps[:1], forced[:1])
+                for a, b in zip(ref, out):
+                    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            if round == 0:
+                first.append(out)
+            else:
+                assert all(torch.equal(a, b) for a, b in zip(first[i], out)), setups[i][1:]
+
+
+@needs_compiler
 @pytest.mark.skipif(cpu_moe.kernel() is None, reason=f"CPU kernel not built: {cpu_moe.unavailable_reason()}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_single_sequence_through_the_cpu_kernel(monkeypatch, dtype):
