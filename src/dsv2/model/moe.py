@@ -78,7 +78,7 @@ class Gate(nn.Module):
         return chosen * self.scaling
 
 
-# Training on the CPU pads each expert's rows to a multiple of this with zero rows. oneDNN JIT-compiles a bf16
+# Trainable experts on the CPU pad each expert's rows to a multiple of this with zero rows. oneDNN JIT-compiles a bf16
 # matmul for every new shape, and the experts' row counts change every step (six shapes an expert: gate_up, down and
 # their two gradients each), more shapes than its primitive cache of 1,024 holds, so the JIT never stops; padded,
 # a few dozen shapes recur. Zero rows give zero outputs and add exact zeros to the weight gradients. train-small,
@@ -123,7 +123,8 @@ class ExpertGroup(nn.Module):
             order = kept[flat[kept].argsort(stable=True)]
             counts = torch.bincount(flat[kept], minlength=self.n_experts).tolist()
         token = order // K  # which token each sorted slot came from
-        rows = ROW_MULTIPLE if x.device.type == "cpu" and torch.is_grad_enabled() else 1
+        trainable = any(p.requires_grad for p in self.parameters())  # (under no_grad too: bit for bit training's)
+        rows = ROW_MULTIPLE if x.device.type == "cpu" and trainable else 1
         if rows > 1:  # each expert's rows padded with zero rows to a multiple of ROW_MULTIPLE
             padded = [-(-c // rows) * rows for c in counts]
             before = [0, *itertools.accumulate(p - c for p, c in zip(padded[:-1], counts[:-1]))]  # padding rows
