@@ -28,10 +28,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     weights [N] (default: 1 / the number of counted targets, i.e. the mean). -> fp32 scalar. Under autocast the
     matmuls take autocast's dtype."""
     counted = targets != IGNORE
-    if weights is None:
-        weights = counted.float() / counted.sum().clamp(min=1)
-    else:
-        weights = weights.float() * counted
+    weights = token_weights(counted, weights)
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     rows = chunk_rows or max(16, CHUNK_LOGITS // weight.shape[0])
@@ -88,7 +85,12 @@ def cross_entropy_of(logits: torch.Tensor, targets: torch.Tensor, weights: torch
     """linear_cross_entropy's loss of given logits [N, V] (in fp32): the mean over the counted targets, or
     sum_i weights_i * CE_i."""
     ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="none")
-    counted = targets != IGNORE
+    return (token_weights(targets != IGNORE, weights) * ce).sum()
+
+
+def token_weights(counted: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Each token's weight in the loss [N] fp32: the given weights, or 1 / the number counted (the mean); 0 where a
+    target is not counted."""
     if weights is None:
-        return ce.sum() / counted.sum().clamp(min=1)
-    return (weights.float() * ce * counted).sum()
+        return counted.float() / counted.sum().clamp(min=1)
+    return weights.float() * counted

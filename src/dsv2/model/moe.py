@@ -123,8 +123,8 @@ class ExpertGroup(nn.Module):
             order = kept[flat[kept].argsort(stable=True)]
             counts = torch.bincount(flat[kept], minlength=self.n_experts).tolist()
         token = order // K  # which token each sorted slot came from
-        trainable = any(p.requires_grad for p in self.parameters())  # (under no_grad too: bit for bit training's)
-        rows = ROW_MULTIPLE if x.device.type == "cpu" and trainable else 1
+        # trainable weights, also under no_grad (so that forward stays bit for bit training's)
+        rows = ROW_MULTIPLE if x.device.type == "cpu" and any(p.requires_grad for p in self.parameters()) else 1
         if rows > 1:  # each expert's rows padded with zero rows to a multiple of ROW_MULTIPLE
             padded = [-(-c // rows) * rows for c in counts]
             before = [0, *itertools.accumulate(p - c for p, c in zip(padded[:-1], counts[:-1]))]  # padding rows

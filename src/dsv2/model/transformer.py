@@ -87,9 +87,9 @@ class Transformer(nn.Module):
             return self.lm_head(h).float()
         h, targets = h.flatten(0, -2), targets.flatten()
         w = None if target_weights is None else target_weights.flatten()
-        if type(self.lm_head) is nn.Linear:  # (a wrapped head -- an FSDP unit, LoRA, a tensor-parallel shard -- is
-            return linear_cross_entropy(h, self.lm_head.weight, targets, w)  # called as a module: the two steps)
-        return cross_entropy_of(self.lm_head(h), targets, w)
+        if type(self.lm_head) is nn.Linear:
+            return linear_cross_entropy(h, self.lm_head.weight, targets, w)
+        return cross_entropy_of(self.lm_head(h), targets, w)  # a wrapped head (LoRA, a TP shard) runs its own forward
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None):

@@ -146,8 +146,8 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, bf16: bool = False) -> Tran
     bf16: blocks all-gather their weights in bf16 (half the traffic; the matmuls run in bf16 under autocast anyway)
     and reduce gradients in fp32. The routers stay fp32 (routing is a discrete choice; bf16 logits flip near-ties),
     and so do the embeddings and the final norm: as under autocast in one process, the residual stream stays fp32
-    (cast_forward_inputs=False). lm_head is gathered with the root in fp32; the loss casts it per chunk. The one numerical difference from one-process bf16 autocast is
-    that the blocks' RMSNorm weights are rounded to bf16.
+    (cast_forward_inputs=False). lm_head is gathered with the root in fp32; the loss casts it per chunk. The one
+    numerical difference from one-process bf16 autocast is that the blocks' RMSNorm weights are rounded to bf16.
 
     Expert-parallel experts (already split by apply_expert_parallel) are left out: each rank keeps its slice whole
     (fp32; autocast casts them per matmul as in one process)."""

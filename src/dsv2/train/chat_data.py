@@ -33,7 +33,6 @@ from ..model.mla import PackedSequences
 from ..tokenizer import ROLES, Tokenizer
 
 
-
 @dataclass
 class Conversation:
     ids: list[int]
