@@ -41,13 +41,15 @@ def test_info_system_shows_the_checked_capability_and_the_kernels_chosen():
         assert low["cpu"]["level"] == "avx2" and not low["cpu"]["onednn_bf16"]
         assert (low["plan"]["weights"], low["plan"]["compute_dtype"]) == ("upcast", "float32")
         kernel = low["decode_attention_kernel"]  # the AVX2 build of the decode attention kernel, no bf16 dot
-        assert kernel["available"] and not kernel["bf16_dot"] and "-mavx2" in kernel["reason"], kernel
+        assert kernel["available"] and not kernel["bf16_dot"] and not kernel["amx"] and "-mavx2" in kernel["reason"], kernel
         experts = low["experts_kernel"]  # the AVX2 build of the expert kernel: widened bf16, fp32 FMAs
         assert experts["available"] and not experts["bf16_dot"] and "-mavx2" in experts["reason"], experts
         assert low["plan"]["cpu_experts_kernel"] is True
     kernel = here["decode_attention_kernel"]
     assert kernel["available"] is (cpu_mla.decode_kernel() is not None)
     assert kernel["bf16_dot"] is (kernel["available"] and cap.level == "avx512" and "avx512_bf16" in cap.flags)
+    # AMX tiles where the native build has them (Linux grants the tile state to a process that asks)
+    assert kernel["amx"] is (kernel["bf16_dot"] and "amx_bf16" in cap.flags and "amx_tile" in cap.flags)
     experts = here["experts_kernel"]
     assert experts["available"] is (cpu_moe.kernel() is not None) is here["plan"]["cpu_experts_kernel"]
     assert experts["bf16_dot"] is (experts["available"] and cap.level == "avx512" and "avx512_bf16" in cap.flags)

@@ -113,6 +113,58 @@ def test_paged_operator_uses_the_kernel_and_its_fallback_agrees(monkeypatch):
     assert not calls and fallback.is_contiguous() and (fallback.double() - ref).abs().max() <= 2 * rounding
 
 
+
+needs_amx = pytest.mark.skipif(KERNEL is None or not cpu_mla.amx(),
+                               reason="AMX tiles: a CPU with AMX-BF16 (Intel Sapphire Rapids or later) and Linux")
+AMX_CASES = [  # B, n, R, Dr, BS, lens: latent and rope widths multiples of 32 (the tile path's shapes)
+    (1, 8, 256, 32, 16, [1000]),  # the mini bench model's widths
+    (3, 4, 64, 32, 16, [1, 17, 300]),  # a one-position context, a block and one, several blocks
+    (2, 16, 512, 64, 64, [5, 640]),  # V2's widths, 64-slot blocks (chunks of 16 rows)
+    (2, 20, 128, 32, 24, [50, 7]),  # two head groups (16 + 4), blocks of 24 (chunks of 12 rows)
+    (3, 5, 64, 32, 5, [33, 2, 5]),  # odd chunks of 5 rows (weights and V rows padded to pairs)
+    (2, 3, 32, 32, 1, [9, 4]),  # one-slot blocks
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("case", AMX_CASES)
+def test_amx_tiles_match_the_twin_and_the_vector_path(case, monkeypatch):
+    """bf16 query and cache: the tile path (scores by tile products, weights split into two bf16 parts) within bf16
+    rounding of the fp64 twin, as the vector path is, over splits that leave ranges past every context."""
+    B, n, R, Dr, BS, lens = case
+    q, cache, tables, lens_t = paged_case(B, n, R, Dr, BS, lens, torch.bfloat16)
+    ref = twin(q, cache, tables, lens_t, R, 0.15)
+    rounding = (ref.bfloat16().double() - ref).abs().max()
+    for splits in (None, 1, 3, 7):
+        monkeypatch.setattr(cpu_mla, "USE_AMX", True)
+        tiles = cpu_mla.mla_decode_cpu(KERNEL, q, cache, tables, lens_t, R, 0.15, splits)
+        monkeypatch.setattr(cpu_mla, "USE_AMX", False)
+        vector = cpu_mla.mla_decode_cpu(KERNEL, q, cache, tables, lens_t, R, 0.15, splits)
+        assert (tiles.double() - ref).abs().max() <= 2 * rounding, splits
+        assert (tiles.double() - vector.double()).abs().max() <= 2 * rounding, splits
+
+
+@needs_amx
+def test_amx_tiles_never_read_slots_past_the_context(monkeypatch):
+    """Tiles load whole chunks of a block: slots past a context (NaN and infinity bits here, as a freed or unwritten
+    slot may hold) must change nothing, and the rows of the block before must be read."""
+    q, cache, tables, lens = paged_case(2, 8, 256, 32, 16, [37, 5], torch.bfloat16)
+    ref = twin(q, cache, tables, lens, 256, 0.1)
+    poisoned = cache.clone()
+    for b, length in enumerate(lens.tolist()):
+        last = tables[b, (length - 1) // 16]
+        poisoned[last, (length - 1) % 16 + 1:] = float("nan")
+        poisoned[tables[b, (length - 1) // 16 + 1]] = float("inf")  # the table's next entry: a junk block
+    monkeypatch.setattr(cpu_mla, "USE_AMX", True)
+    clean = cpu_mla.mla_decode_cpu(KERNEL, q, cache, tables, lens, 256, 0.1, 2)
+    dirty = cpu_mla.mla_decode_cpu(KERNEL, q, poisoned, tables, lens, 256, 0.1, 2)
+    assert torch.equal(clean, dirty)
+    assert (clean.double() - ref).abs().max() <= 2 * (ref.bfloat16().double() - ref).abs().max()
+    zero = torch.zeros_like(q)  # uniform weights: the mean of the context's rows, the poisoned block's included
+    torch.testing.assert_close(cpu_mla.mla_decode_cpu(KERNEL, zero, poisoned, tables, lens, 256, 0.1).double(),
+                               twin(zero, cache, tables, lens, 256, 0.1), atol=2e-2, rtol=0)
+
+
 def test_build_says_why_it_cannot(monkeypatch, tmp_path):
     monkeypatch.setenv("DSV2_NO_CPU_KERNELS", "1")
     with pytest.raises(RuntimeError, match="DSV2_NO_CPU_KERNELS"):

@@ -90,6 +90,7 @@ def describe_system(device: str | None = None, dtype: str = "auto", quantization
         from ..kernels import cpu_mla, cpu_moe
         # each builds its kernel if it is not in the cache yet (~1-2 s)
         out["decode_attention_kernel"] = _kernel_state(cpu_mla.unavailable_reason, cpu_mla.bf16_dot)
+        out["decode_attention_kernel"]["amx"] = out["decode_attention_kernel"]["available"] and cpu_mla.amx()
         out["experts_kernel"] = _kernel_state(cpu_moe.unavailable_reason, cpu_moe.bf16_dot)
     return out
 
@@ -123,8 +124,9 @@ def run_system(args) -> int:
                                        "torch matmuls per expert")):
         if key in d:
             k = d[key]
-            rows.append((what, f"C++ kernel, {k['reason']}" + (f", {dot}" if k["bf16_dot"] else "") if k["available"]
-                         else f"{fallback} (the C++ kernel is not built: {k['reason']})"))
+            amx = ", AMX tiles for bf16" if k.get("amx") else ""
+            rows.append((what, f"C++ kernel, {k['reason']}" + (f", {dot}" if k["bf16_dot"] else "") + amx
+                         if k["available"] else f"{fallback} (the C++ kernel is not built: {k['reason']})"))
     if "cuda" in d:
         rows.append(("cuda", ", ".join(d["cuda"])))
     rows.append(("plan", f"{plan['device']}, dtype {args.dtype}"

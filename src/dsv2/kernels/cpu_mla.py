@@ -5,9 +5,11 @@
 The C++ kernel (flash-decoding: each sequence's context in several ranges of blocks across the threads, an online
 softmax per range, a combine) reads each cached row once, in place through the block table, converts it to fp32 and
 serves every head from L1; on CPUs with AVX-512 BF16 a bf16 model's scores come straight from the stored rows by the
-bf16 dot-product instruction (benchmarks/cpu_attention.py, BENCHMARKS.md). It is built at first use for the
-vector ISA torch runs with and cached (kernels/cpu_build.py). All of it fp32 past the loads, like the slow twin
-model.mla.latent_attention.
+bf16 dot-product instruction. On CPUs with AMX tiles (Intel Sapphire Rapids and later) a bf16 model's scores and
+weighted sums are tile products instead, the softmax weights split into two bf16 parts (~16 bits of each kept).
+benchmarks/cpu_attention.py measures them (BENCHMARKS.md). It is built at first use for the vector ISA torch runs
+with and cached (kernels/cpu_build.py). Apart from the tile path's weights, all of it is fp32 past the loads, like
+the slow twin model.mla.latent_attention.
 
 SDPA's form, where the kernel is not built or the cache is neither bf16 nor fp32:
 One query per sequence attends in the latent space: the n heads of a sequence become n query positions of a single
@@ -33,6 +35,10 @@ from .cpu_build import arch_flags, build, cache_dir, compiler, load  # noqa: F40
 from .triton_mla import paged_slots
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mla_decode_cpu.cpp")
+
+# AMX tiles for a bf16 query and cache where the build has them and Linux grants the tile state (Intel Sapphire
+# Rapids and later; `amx()` says); DSV2_NO_AMX=1, or setting this False, keeps the vector path (the A/B switch).
+USE_AMX = not os.environ.get("DSV2_NO_AMX")
 
 
 def latent_attention_sdpa(q_abs: torch.Tensor, latent: torch.Tensor, pad: torch.Tensor | None, rank: int,
@@ -85,7 +91,7 @@ def mla_decode_cpu(kernel, q_abs: torch.Tensor, cache: torch.Tensor, block_table
     out = torch.empty(B, n, rank, dtype=q.dtype)
     status = kernel(q.data_ptr(), q.dtype == torch.bfloat16, cache.data_ptr(), cache.dtype == torch.bfloat16,
                     tables.data_ptr(), tables.stride(0), lens.data_ptr(), lens.stride(0), out.data_ptr(),
-                    q.dtype == torch.bfloat16, B, n, D, rank, BS, W, splits or splits_for(B, W), scale)
+                    q.dtype == torch.bfloat16, B, n, D, rank, BS, W, splits or splits_for(B, W), scale, USE_AMX)
     if status != 0:
         raise ValueError(f"dsv2_mla_decode rejected its shapes (B={B}, n={n}, D={D}, R={rank}, BS={BS}, W={W})")
     return out if out.dtype == q_abs.dtype else out.to(q_abs.dtype)
@@ -116,12 +122,20 @@ def bf16_dot() -> bool:
     return not isinstance(lib, str) and bool(lib.dsv2_mla_decode_bf16_dot())
 
 
+def amx() -> bool:
+    """Whether the built kernel multiplies bf16 queries and caches (latent and rope widths multiples of 32) with AMX
+    tiles here: built for a CPU with AMX-BF16 and granted the tile state by Linux."""
+    lib = _load()
+    return not isinstance(lib, str) and bool(lib.dsv2_mla_decode_amx())
+
+
 @functools.cache
 def _load() -> ctypes.CDLL | str:
     """The kernel's library, or why it could not be built (said once on stderr; the SDPA form serves then)."""
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     return load(SOURCE, {"dsv2_mla_decode": ([ptr, i32, ptr, i32, ptr, i64, ptr, i64, ptr, i32] + [i32] * 7
-                                             + [ctypes.c_float], i32), "dsv2_mla_decode_bf16_dot": ([], i32)},
+                                             + [ctypes.c_float, i32], i32), "dsv2_mla_decode_bf16_dot": ([], i32),
+                         "dsv2_mla_decode_amx": ([], i32)},
                 "CPU decode attention runs through SDPA, ~2x slower at long contexts")
 
 

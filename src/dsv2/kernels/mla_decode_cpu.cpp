@@ -23,6 +23,9 @@
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define DSV2_BF16_DOT 1
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define DSV2_AMX 1
+#endif
 #endif
 
 namespace {
@@ -213,6 +216,188 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .
   return static_cast<uint16_t>(bits >> 16);
 }
 
+#ifdef DSV2_AMX
+// ---- AMX tiles (Intel Sapphire Rapids and later): the same attention as attend_range, by bf16 tile products ------
+// Two passes over a range of blocks, for up to 16 heads at a time (a tile's rows):
+//   1. scores^T [positions, heads] = K [positions, D] . Q^T [D, heads]: the cached rows are the A tiles, read in place
+//      (16 rows of 32 bf16 a step, the row stride of the cache), the query's transpose is the B tile, prepared once in
+//      the pairwise ("VNNI") layout tile products take. bf16 x bf16 products are exact, summed in fp32: the arithmetic
+//      of the bf16 dot-product path. The range's max per head is then known, so no output is ever rescaled.
+//   2. o [heads, R] += P [heads, positions] . V [positions, R], P = e^(score - max): P is split into a bf16 high part
+//      and a bf16 remainder (two products; ~16 bits of each weight kept, against the fp32 twin's 24), the V rows are
+//      copied into the pairwise layout with zeros past the context (a slot past it may hold any bits), the output
+//      tiles accumulate in `part` itself.
+// Needs D and R multiples of 32; each block is taken in chunks of CR rows, the largest divisor of BS up to 16, so a
+// tile never reads past its block. The kernel asks Linux for the tile state once (arch_prctl); where that is refused,
+// or DSV2_NO_AMX is set on the Python side, attend_range serves.
+#include <sys/syscall.h>
+#include <unistd.h>
+
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Pass 1's tiles: 0 scores [CR, nh] fp32; 1 K rows [CR, 32 bf16]; 2 Q^T pairs [16, nh x 2 bf16].
+void configure_score_tiles(int cr, int nh) {
+  TileConfig cfg;
+  cfg.rows[0] = static_cast<uint8_t>(cr), cfg.colsb[0] = static_cast<uint16_t>(nh * 4);
+  cfg.rows[1] = static_cast<uint8_t>(cr), cfg.colsb[1] = 64;
+  cfg.rows[2] = 16, cfg.colsb[2] = static_cast<uint16_t>(nh * 4);
+  _tile_loadconfig(&cfg);
+}
+
+// Pass 2's: 0, 1 output [nh, 16] fp32 (two column tiles at a time, two independent chains); 4 / 5 weights high /
+// remainder [nh, KP bf16]; 6, 7 V pairs [KP / 2, 16 x 2 bf16].
+void configure_value_tiles(int kp, int nh) {
+  TileConfig cfg;
+  for (int t : {0, 1}) cfg.rows[t] = static_cast<uint8_t>(nh), cfg.colsb[t] = 64;
+  for (int t : {4, 5}) cfg.rows[t] = static_cast<uint8_t>(nh), cfg.colsb[t] = static_cast<uint16_t>(kp * 2);
+  for (int t : {6, 7}) cfg.rows[t] = static_cast<uint8_t>(kp / 2), cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+inline uint16_t bf16_bits_truncate(float f) {  // exact for the high part: the remainder carries the rest
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+struct AmxScratch {
+  std::vector<uint16_t> q_pairs, w_hi, w_lo, v_pairs;
+  std::vector<float> scores, tile_out;
+};
+
+void attend_range_amx(const uint16_t* q, const uint16_t* cache, const int32_t* table, int len, int block_begin,
+                      int block_end, int n, int D, int R, int BS, float scale, float* part, AmxScratch& s) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  int cr = std::min(BS, 16);
+  while (BS % cr != 0) --cr;
+  const int kp = cr + (cr & 1);  // weights / V rows per chunk, padded to pairs
+  const int used_end = std::min(block_end, (len + BS - 1) / BS);
+  const int positions = std::max(0, std::min(len, used_end * BS) - block_begin * BS);
+  for (int h = 0; h < n; ++h) {
+    std::fill(part + h * (R + 2), part + h * (R + 2) + R, 0.0f);
+    part[h * (R + 2) + R] = neg_inf;
+    part[h * (R + 2) + R + 1] = 0.0f;
+  }
+  if (positions <= 0) return;
+  const int ksteps = D / 32;
+  for (int h0 = 0; h0 < n; h0 += 16) {
+    const int nh = std::min(16, n - h0);
+    configure_score_tiles(cr, nh);
+    // Q^T in pairs: q_pairs[k][r][h][2] = q[h0 + h][32k + 2r .. + 1]
+    s.q_pairs.assign(static_cast<size_t>(ksteps) * 16 * nh * 2, 0);
+    for (int k = 0; k < ksteps; ++k)
+      for (int r = 0; r < 16; ++r)
+        for (int h = 0; h < nh; ++h)
+          for (int e = 0; e < 2; ++e)
+            s.q_pairs[((k * 16 + r) * nh + h) * 2 + e] = q[static_cast<int64_t>(h0 + h) * D + 32 * k + 2 * r + e];
+    // pass 1: scores [positions, 16] (heads past nh: zeros), and the max per head
+    s.scores.assign(static_cast<size_t>(positions) * 16, 0.0f);
+    s.tile_out.resize(16 * 16);
+    float mx[16], sum[16];
+    std::fill(mx, mx + 16, 0.0f);
+    std::fill(mx, mx + nh, neg_inf);
+    for (int blk = block_begin, p0 = 0; blk < used_end; ++blk) {
+      const int valid = std::min(BS, len - blk * BS);
+      const uint16_t* block = cache + static_cast<int64_t>(table[blk]) * BS * D;
+      for (int c0 = 0; c0 < valid; c0 += cr) {
+        _tile_zero(0);
+        for (int k = 0; k < ksteps; ++k) {
+          _tile_loadd(1, block + static_cast<int64_t>(c0) * D + 32 * k, D * 2);
+          _tile_loadd(2, s.q_pairs.data() + k * 16 * nh * 2, nh * 4);
+          _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, s.tile_out.data(), nh * 4);
+        const int rows = std::min(cr, valid - c0);
+        for (int t = 0; t < rows; ++t)
+          for (int h = 0; h < nh; ++h) {
+            const float v = s.tile_out[t * nh + h] * scale;
+            s.scores[static_cast<size_t>(p0 + t) * 16 + h] = v;
+            mx[h] = std::max(mx[h], v);
+          }
+        p0 += rows;
+      }
+    }
+    // weights e^(score - max) in place, and their sums (all 16 lanes: one vector a position)
+    std::fill(sum, sum + 16, 0.0f);
+    for (int p = 0; p < positions; ++p) {
+      float* v = s.scores.data() + static_cast<size_t>(p) * 16;
+#pragma omp simd
+      for (int h = 0; h < 16; ++h) {
+        v[h] = exp_nonpositive(v[h] - mx[h]);
+        sum[h] += v[h];
+      }
+    }
+    configure_value_tiles(kp, nh);
+    // pass 2: output [nh, R] += weights [nh, chunk] . V [chunk, R], accumulated in part's rows
+    s.w_hi.resize(static_cast<size_t>(nh) * kp);
+    s.w_lo.resize(static_cast<size_t>(nh) * kp);
+    s.v_pairs.resize(static_cast<size_t>(R / 16) * (kp / 2) * 32);
+    float* out = part + static_cast<int64_t>(h0) * (R + 2);
+    for (int blk = block_begin, p0 = 0; blk < used_end; ++blk) {
+      const int valid = std::min(BS, len - blk * BS);
+      const uint16_t* block = cache + static_cast<int64_t>(table[blk]) * BS * D;
+      for (int c0 = 0; c0 < valid; c0 += cr) {
+        const int rows = std::min(cr, valid - c0);
+        for (int h = 0; h < nh; ++h)
+          for (int t = 0; t < kp; ++t) {
+            const float w = t < rows ? s.scores[static_cast<size_t>(p0 + t) * 16 + h] : 0.0f;
+            const uint16_t hi = bf16_bits_truncate(w);
+            s.w_hi[h * kp + t] = hi;
+            s.w_lo[h * kp + t] = float_to_bf16(w - bf16_to_float(hi));
+          }
+        // v_pairs[j][r][c][2] = V[c0 + 2r .. + 1][16 j + c], zero past the context
+        const __m512i zero = _mm512_setzero_si512();
+        const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
+                                                38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+        for (int r = 0; r < kp / 2; ++r) {
+          const uint16_t* row0 = block + static_cast<int64_t>(c0 + 2 * r) * D;
+          for (int j = 0; j < R / 32; ++j) {
+            const __m512i a = 2 * r < rows ? _mm512_loadu_si512(row0 + 32 * j) : zero;
+            const __m512i b = 2 * r + 1 < rows ? _mm512_loadu_si512(row0 + D + 32 * j) : zero;
+            _mm512_storeu_si512(s.v_pairs.data() + ((2 * j) * (kp / 2) + r) * 32, _mm512_permutex2var_epi16(a, lo_idx, b));
+            _mm512_storeu_si512(s.v_pairs.data() + ((2 * j + 1) * (kp / 2) + r) * 32,
+                                _mm512_permutex2var_epi16(a, hi_idx, b));
+          }
+        }
+        _tile_loadd(4, s.w_hi.data(), kp * 2);
+        _tile_loadd(5, s.w_lo.data(), kp * 2);
+        for (int j = 0; j < R / 16; j += 2) {  // R / 16 is even (R % 32 == 0)
+          _tile_loadd(0, out + 16 * j, (R + 2) * 4);
+          _tile_loadd(1, out + 16 * (j + 1), (R + 2) * 4);
+          _tile_loadd(6, s.v_pairs.data() + j * (kp / 2) * 32, 64);
+          _tile_loadd(7, s.v_pairs.data() + (j + 1) * (kp / 2) * 32, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(0, 5, 6);
+          _tile_dpbf16ps(1, 5, 7);
+          _tile_stored(0, out + 16 * j, (R + 2) * 4);
+          _tile_stored(1, out + 16 * (j + 1), (R + 2) * 4);
+        }
+        p0 += rows;
+      }
+    }
+    for (int h = 0; h < nh; ++h) {
+      part[(h0 + h) * (R + 2) + R] = mx[h];
+      part[(h0 + h) * (R + 2) + R + 1] = sum[h];
+    }
+  }
+  _tile_release();
+}
+#endif
+
 }  // namespace
 
 // q: [B, n, D] bf16 (q_is_bf16) or fp32; tables: row b at tables + b * table_stride; lens: lens[b * lens_stride]
@@ -222,7 +407,7 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .
 extern "C" int dsv2_mla_decode(const void* q_in, int q_is_bf16, const void* cache, int cache_is_bf16,
                                const int32_t* tables, int64_t table_stride, const int32_t* lens, int64_t lens_stride,
                                void* out_raw, int out_is_bf16, int B, int n, int D, int R, int BS, int W, int splits,
-                               float scale) {
+                               float scale, int use_amx) {
   if (B <= 0 || n <= 0 || R <= 0 || D < R || BS <= 0 || W <= 0 || splits <= 0) return 1;
   const bool bf16 = cache_is_bf16 != 0;
   const int per_split = (W + splits - 1) / splits;  // blocks per range
@@ -233,9 +418,17 @@ extern "C" int dsv2_mla_decode(const void* q_in, int q_is_bf16, const void* cach
     for (int64_t i = 0; i < q_count; ++i) q_converted[i] = bf16_to_float(q_bf16[i]);
   const float* q = q_bf16 ? q_converted.data() : static_cast<const float*>(q_in);
   std::vector<float> work(static_cast<size_t>(B) * splits * n * (R + 2));
+#ifdef DSV2_AMX
+  const bool amx = use_amx && bf16 && q_bf16 != nullptr && D % 32 == 0 && R % 32 == 0 && amx_permitted();
+#else
+  (void)use_amx;
+#endif
 #pragma omp parallel
   {
     std::vector<float> rows(static_cast<size_t>(BS) * D), scores(static_cast<size_t>(n) * BS), o(R);
+#ifdef DSV2_AMX
+    AmxScratch amx_scratch;
+#endif
 #pragma omp for schedule(static)
     for (int item = 0; item < B * splits; ++item) {
       const int b = item / splits, s = item % splits;
@@ -243,6 +436,13 @@ extern "C" int dsv2_mla_decode(const void* q_in, int q_is_bf16, const void* cach
       const int used_blocks = std::min(W, (len + BS - 1) / BS);
       const int begin = s * per_split, end = std::min(used_blocks, begin + per_split);
       float* part = work.data() + static_cast<int64_t>(item) * n * (R + 2);
+#ifdef DSV2_AMX
+      if (amx) {
+        attend_range_amx(q_bf16 + static_cast<int64_t>(b) * n * D, static_cast<const uint16_t*>(cache),
+                         tables + b * table_stride, len, begin, end, n, D, R, BS, scale, part, amx_scratch);
+        continue;
+      }
+#endif
       attend_range(q + static_cast<int64_t>(b) * n * D, q_bf16 ? q_bf16 + static_cast<int64_t>(b) * n * D : nullptr,
                    cache, bf16, tables + b * table_stride, len, begin, end, n, D, R, BS, scale, part, rows.data(),
                    scores.data());
@@ -276,6 +476,16 @@ extern "C" int dsv2_mla_decode(const void* q_in, int q_is_bf16, const void* cach
     }
   }
   return 0;
+}
+
+// Whether this build multiplies with AMX tiles (a bf16 query and cache, D and R multiples of 32) and Linux grants
+// this process the tile state (for `dsv2 info --system` and the tests).
+extern "C" int dsv2_mla_decode_amx() {
+#ifdef DSV2_AMX
+  return amx_permitted() ? 1 : 0;
+#else
+  return 0;
+#endif
 }
 
 // Whether this build computes bf16 scores with the CPU's dot-product instruction (for `dsv2 info --system`).
