@@ -160,6 +160,16 @@ void block_values(const float* weights, const float* rows, int valid, int n, int
   for (; h < n; ++h) values_heads<1>(weights + h * BS, rows, valid, D, R, BS, acc + h * (R + 2));
 }
 
+// part [n, R + 2] before a range: per head an output of zeros, running max m = -inf, running sum l = 0 (a range
+// that holds no position keeps these, and the combine skips it).
+void reset_part(float* part, int n, int R) {
+  for (int h = 0; h < n; ++h) {
+    std::fill(part + h * (R + 2), part + h * (R + 2) + R, 0.0f);
+    part[h * (R + 2) + R] = -std::numeric_limits<float>::infinity();  // m
+    part[h * (R + 2) + R + 1] = 0.0f;  // l
+  }
+}
+
 // One sequence, blocks [block_begin, block_end) of its table, into part = [n, R + 2]: per head the output (unnormalised)
 // | the running max m | the running sum l, kept there as the blocks go by.
 void attend_range(const float* q, const uint16_t* q_bf16, const void* cache, bool bf16, const int32_t* table, int len,
@@ -167,11 +177,7 @@ void attend_range(const float* q, const uint16_t* q_bf16, const void* cache, boo
                   float* scores) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   float* acc = part;  // [n, R + 2], the first R of each head's row
-  for (int h = 0; h < n; ++h) {
-    std::fill(acc + h * (R + 2), acc + h * (R + 2) + R, 0.0f);
-    part[h * (R + 2) + R] = neg_inf;  // m
-    part[h * (R + 2) + R + 1] = 0.0f;  // l
-  }
+  reset_part(part, n, R);
   for (int blk = block_begin; blk < block_end; ++blk) {
     const int valid = std::min(BS, len - blk * BS);
     if (valid <= 0) break;
@@ -272,9 +278,9 @@ inline uint16_t bf16_bits_truncate(float f) {  // exact for the high part: the r
   return static_cast<uint16_t>(bits >> 16);
 }
 
-struct AmxScratch {
-  std::vector<uint16_t> q_pairs, w_hi, w_lo, v_pairs;
-  std::vector<float> scores, tile_out;
+struct AmxScratch {  // per thread, sized by the widest call; the per-chunk tiles (<= 16 x 16) live on the stack
+  std::vector<uint16_t> q_pairs, v_pairs;
+  std::vector<float> scores;
 };
 
 void attend_range_amx(const uint16_t* q, const uint16_t* cache, const int32_t* table, int len, int block_begin,
@@ -285,11 +291,7 @@ void attend_range_amx(const uint16_t* q, const uint16_t* cache, const int32_t* t
   const int kp = cr + (cr & 1);  // weights / V rows per chunk, padded to pairs
   const int used_end = std::min(block_end, (len + BS - 1) / BS);
   const int positions = std::max(0, std::min(len, used_end * BS) - block_begin * BS);
-  for (int h = 0; h < n; ++h) {
-    std::fill(part + h * (R + 2), part + h * (R + 2) + R, 0.0f);
-    part[h * (R + 2) + R] = neg_inf;
-    part[h * (R + 2) + R + 1] = 0.0f;
-  }
+  reset_part(part, n, R);
   if (positions <= 0) return;
   const int ksteps = D / 32;
   for (int h0 = 0; h0 < n; h0 += 16) {
@@ -304,7 +306,7 @@ void attend_range_amx(const uint16_t* q, const uint16_t* cache, const int32_t* t
             s.q_pairs[((k * 16 + r) * nh + h) * 2 + e] = q[static_cast<int64_t>(h0 + h) * D + 32 * k + 2 * r + e];
     // pass 1: scores [positions, 16] (heads past nh: zeros), and the max per head
     s.scores.assign(static_cast<size_t>(positions) * 16, 0.0f);
-    s.tile_out.resize(16 * 16);
+    alignas(64) float tile_out[16 * 16];
     float mx[16], sum[16];
     std::fill(mx, mx + 16, 0.0f);
     std::fill(mx, mx + nh, neg_inf);
@@ -318,11 +320,11 @@ void attend_range_amx(const uint16_t* q, const uint16_t* cache, const int32_t* t
           _tile_loadd(2, s.q_pairs.data() + k * 16 * nh * 2, nh * 4);
           _tile_dpbf16ps(0, 1, 2);
         }
-        _tile_stored(0, s.tile_out.data(), nh * 4);
+        _tile_stored(0, tile_out, nh * 4);
         const int rows = std::min(cr, valid - c0);
         for (int t = 0; t < rows; ++t)
           for (int h = 0; h < nh; ++h) {
-            const float v = s.tile_out[t * nh + h] * scale;
+            const float v = tile_out[t * nh + h] * scale;
             s.scores[static_cast<size_t>(p0 + t) * 16 + h] = v;
             mx[h] = std::max(mx[h], v);
           }
@@ -341,10 +343,14 @@ void attend_range_amx(const uint16_t* q, const uint16_t* cache, const int32_t* t
     }
     configure_value_tiles(kp, nh);
     // pass 2: output [nh, R] += weights [nh, chunk] . V [chunk, R], accumulated in part's rows
-    s.w_hi.resize(static_cast<size_t>(nh) * kp);
-    s.w_lo.resize(static_cast<size_t>(nh) * kp);
+    alignas(64) uint16_t w_hi[16 * 16], w_lo[16 * 16];  // [nh, kp], kp <= 16
     s.v_pairs.resize(static_cast<size_t>(R / 16) * (kp / 2) * 32);
     float* out = part + static_cast<int64_t>(h0) * (R + 2);
+    // interleaving two rows' 32 columns: lo_idx gives (a[c], b[c]) for c < 16, hi_idx for c = 16..31
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                            37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
     for (int blk = block_begin, p0 = 0; blk < used_end; ++blk) {
       const int valid = std::min(BS, len - blk * BS);
       const uint16_t* block = cache + static_cast<int64_t>(table[blk]) * BS * D;
@@ -354,14 +360,10 @@ void attend_range_amx(const uint16_t* q, const uint16_t* cache, const int32_t* t
           for (int t = 0; t < kp; ++t) {
             const float w = t < rows ? s.scores[static_cast<size_t>(p0 + t) * 16 + h] : 0.0f;
             const uint16_t hi = bf16_bits_truncate(w);
-            s.w_hi[h * kp + t] = hi;
-            s.w_lo[h * kp + t] = float_to_bf16(w - bf16_to_float(hi));
+            w_hi[h * kp + t] = hi;
+            w_lo[h * kp + t] = float_to_bf16(w - bf16_to_float(hi));
           }
         // v_pairs[j][r][c][2] = V[c0 + 2r .. + 1][16 j + c], zero past the context
-        const __m512i zero = _mm512_setzero_si512();
-        const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
-                                                38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-        const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
         for (int r = 0; r < kp / 2; ++r) {
           const uint16_t* row0 = block + static_cast<int64_t>(c0 + 2 * r) * D;
           for (int j = 0; j < R / 32; ++j) {
@@ -372,8 +374,8 @@ void attend_range_amx(const uint16_t* q, const uint16_t* cache, const int32_t* t
                                 _mm512_permutex2var_epi16(a, hi_idx, b));
           }
         }
-        _tile_loadd(4, s.w_hi.data(), kp * 2);
-        _tile_loadd(5, s.w_lo.data(), kp * 2);
+        _tile_loadd(4, w_hi, kp * 2);
+        _tile_loadd(5, w_lo, kp * 2);
         for (int j = 0; j < R / 16; j += 2) {  // R / 16 is even (R % 32 == 0)
           _tile_loadd(0, out + 16 * j, (R + 2) * 4);
           _tile_loadd(1, out + 16 * (j + 1), (R + 2) * 4);
