@@ -116,9 +116,11 @@ def test_compiled_decode_with_int8_weights_and_the_fp8_cache():
     assert_twins(tiny_model(), [7, 12], kv_cache_dtype="fp8")
 
 
-def bf16_twins_against_fp32(plan, lengths):
+def bf16_twins_against_fp32(plan, lengths, seen=None):
     """The same random weights run in fp32 (the reference) and, rounded to bf16, in `plan`'s form eagerly and
-    compiled; returns each bf16 run's largest logit error against the reference (teacher-forced decode)."""
+    compiled; returns each bf16 run's largest logit error against the reference (teacher-forced decode).
+    seen: a dict that gets the model ("model") and the sealed modules the compiled steps called eagerly ("eager":
+    through dsv2::matrix_module / routed_experts, not as generated code or the CPU kernel's operators)."""
     ps, forced = prompts(lengths), prompts([6] * len(lengths), seed=1)
     ref_model = tiny_model()
     ref = ModelRunner(ref_model, 40, 4, torch.float32).forced_logits(ps, forced)
@@ -127,7 +129,19 @@ def bf16_twins_against_fp32(plan, lengths):
     model = prepare_for_inference(model, plan)
     eager = ModelRunner(model, 40, 4, plan.cache_dtype).forced_logits(ps, forced)
     fast = ModelRunner(model, 40, 4, plan.cache_dtype, compile_decode=True)
-    compiled = fast.forced_logits(ps, forced)
+    if seen is not None:  # sealed by now; prefill calls the modules directly, not by handle
+        sealed, seen["model"], seen["eager"] = compiled_mod._MODULES, model, []
+
+        class Counting(dict):
+            def __getitem__(self, handle):
+                seen["eager"].append(type(sealed[handle]).__name__)
+                return sealed[handle]
+        compiled_mod._MODULES = Counting()
+    try:
+        compiled = fast.forced_logits(ps, forced)
+    finally:
+        if seen is not None:
+            compiled_mod._MODULES = sealed
     assert fast.compiled is not None and fast.compiled.failed is None
     err = lambda runs: max((a - r).abs().max().item() for a, r in zip(runs, ref))
     return err(eager), err(compiled)
@@ -146,6 +160,27 @@ def test_compiled_bf16_decode_is_no_less_accurate_than_eager(packing):
         eager, compiled = bf16_twins_against_fp32(plan, lengths)
         assert eager < 0.5  # bf16's rounding, not a broken model
         assert compiled <= 1.1 * eager
+
+
+@needs_compiler
+@pytest.mark.skipif(cpu_moe.kernel() is None, reason=f"CPU kernel not built: {cpu_moe.unavailable_reason()}")
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "generated"])
+def test_compiled_single_sequence_on_the_upcast_plan(monkeypatch, kernel):
+    """The default of CPUs without fast bf16 GEMMs (AVX2, most ARM): bf16 weights, fp32 compute. A single sequence's
+    matrices all run in the CPU kernel (fp32 activations over the bf16 weights; every matrix counted large enough)
+    or all in generated matrix-vector code -- none through the eager modules, which round decode activations to
+    bf16 -- and the compiled step is no less accurate than eager."""
+    from test_cpu_paths import fake_cpu
+    monkeypatch.setattr(compiled_mod, "ONE_ROW_KERNEL_ELEMENTS", 0 if kernel else 1 << 62)
+    plan = inference_plan("cpu", "auto", capability=fake_cpu("avx2"))
+    assert plan.weights == "upcast" and plan.compute_dtype == torch.float32
+    seen = {}
+    eager, compiled = bf16_twins_against_fp32(plan, [9], seen)
+    assert seen["eager"] == []
+    sealed = [m for m in seen["model"].modules() if isinstance(m, Sealed)]
+    assert {type(m.inner).__name__ for m in sealed} == {"UpcastLinear", "UpcastMLP", "UpcastExperts"}
+    assert all(m.cpu_kernel == kernel for m in sealed)
+    assert eager < 0.5 and compiled <= 1.1 * eager
 
 
 @needs_compiler

@@ -40,6 +40,7 @@ from torch import nn
 from ..model import PagedAttention, Transformer
 from ..model.layers import MLP
 from ..model.moe import ExpertGroup, Experts
+from ..model.upcast import UpcastExperts, UpcastLinear, UpcastMLP
 
 _MODULES: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()  # handle -> module
 _SEALED_MODELS = 0  # models sealed in this process (part of each handle, see seal)
@@ -103,18 +104,20 @@ class Sealed(nn.Module):
                 raise RuntimeError("token dropping is a training feature; a sealed model only runs inference")
             if one_row and self.cpu_kernel:
                 return torch.ops.dsv2.cpu_experts(x, inner.gate_up_proj, inner.down_proj, weights, idx)
-            if one_row and type(inner) is Experts:
+            if one_row and type(inner) in (Experts, UpcastExperts):
                 return experts_one_row(inner, x, weights, idx)
             return torch.ops.dsv2.routed_experts(x, weights, idx, self.handle)
-        if type(inner) is nn.Linear:
+        if type(inner) in (nn.Linear, UpcastLinear):
             if one_row and self.cpu_kernel:
                 y = torch.ops.dsv2.cpu_linear(x, inner.weight)
-                return y if inner.bias is None else y + inner.bias
-            return linear_one_row(x, inner.weight, inner.bias) if one_row else inner(x)
-        if type(inner) is MLP and one_row:
+                return y if inner.bias is None else y + inner.bias.to(y.dtype)
+            if one_row:
+                return linear_one_row(x, inner.weight, inner.bias)
+            return inner(x)
+        if type(inner) in (MLP, UpcastMLP) and one_row:
             if self.cpu_kernel:
-                return torch.ops.dsv2.cpu_mlp(x, inner.gate_proj.weight, inner.up_proj.weight, inner.down_proj.weight)
-            return mlp_one_row(inner, x)
+                return torch.ops.dsv2.cpu_mlp(x, *_mlp_weights(inner))
+            return mlp_one_row(x, *_mlp_weights(inner))
         out = x.shape[-1] if self.out_features_or_same is None else self.out_features_or_same
         return torch.ops.dsv2.matrix_module(x, self.handle, out)
 
@@ -129,14 +132,16 @@ ONE_ROW_KERNEL_ELEMENTS = 1 << 20
 
 
 def one_row_kernel(module: nn.Module) -> bool:
-    """Whether a sealed module's single-row product runs in the CPU kernel (plain frozen CPU weights, big enough)."""
+    """Whether a sealed module's single-row product runs in the CPU kernel (plain or upcast frozen CPU weights, big
+    enough)."""
     from ..kernels import cpu_moe
-    if type(module) is Experts:
+    if type(module) in (Experts, UpcastExperts):
         weight, elements = module.gate_up_proj, module.gate_up_proj[0].numel() * 3 // 2
-    elif type(module) is MLP and all(type(m) is nn.Linear and m.bias is None
-                                     for m in (module.gate_proj, module.up_proj, module.down_proj)):
-        weight, elements = module.gate_proj.weight, module.gate_proj.weight.numel() * 3
-    elif type(module) is nn.Linear:
+    elif type(module) is UpcastMLP or (type(module) is MLP and all(
+            type(m) is nn.Linear and m.bias is None for m in (module.gate_proj, module.up_proj, module.down_proj))):
+        weight = _mlp_weights(module)[0]
+        elements = weight.numel() * 3
+    elif type(module) in (nn.Linear, UpcastLinear):
         weight, elements = module.weight, module.weight.numel()
     else:
         return False
@@ -162,10 +167,19 @@ def linear_one_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
-def mlp_one_row(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+def _mlp_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A plain or upcast MLP's (gate [I, H], up [I, H], down [H, I]); the upcast one's are views of its fused
+    gate_up [2I, H], contiguous rows either way."""
+    if type(mlp) is UpcastMLP:
+        I = mlp.down.shape[-1]
+        return mlp.gate_up[:I], mlp.gate_up[I:], mlp.down
+    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+
+
+def mlp_one_row(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     h = x.reshape(-1)
-    act = F.silu(_gemv(h, mlp.gate_proj.weight)) * _gemv(h, mlp.up_proj.weight)
-    return _gemv(act.to(x.dtype), mlp.down_proj.weight).to(x.dtype).view(x.shape)
+    act = F.silu(_gemv(h, gate)) * _gemv(h, up)
+    return _gemv(act.to(x.dtype), down).to(x.dtype).view(x.shape)
 
 
 def experts_one_row(experts: Experts, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
