@@ -184,6 +184,26 @@ def test_compiled_single_sequence_on_the_upcast_plan(monkeypatch, kernel):
 
 
 @needs_compiler
+def test_compiled_upcast_decode_on_either_side_of_the_gemv_row_limit():
+    """Upcast modules choose their kernel by row count (torch's half-precision GEMV up to gemv_rows, an fp32 GEMM
+    above), so a batched step keeps them opaque: batches on either side of the limit run one compiled variant (a
+    traced choice would guard on the batch size, and recompiling under skipped guards raises), equal to eager."""
+    from test_cpu_paths import fake_cpu
+    plan = inference_plan("cpu", "auto", capability=fake_cpu("avx2"))
+    assert plan.weights == "upcast" and plan.gemv_rows == 2
+    model = build_model(CFG, dtype=plan.weight_dtype, init=False)
+    model.load_state_dict(tiny_model().state_dict())
+    model = prepare_for_inference(model, plan)
+    eager = ModelRunner(model, 40, 4, plan.cache_dtype)
+    fast = ModelRunner(model, 40, 4, plan.cache_dtype, compile_decode=True)
+    for lengths in ([7, 12], [5, 9, 12], [7, 12]):
+        ps, forced = prompts(lengths), prompts([4] * len(lengths), seed=1)
+        for a, b in zip(eager.forced_logits(ps, forced), fast.forced_logits(ps, forced)):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        assert fast.compiled is not None and fast.compiled.failed is None and fast.compiled._seen == {False}
+
+
+@needs_compiler
 def test_llm_with_compile_decode_generates_what_eager_generates(tmp_path):
     from dsv2 import LLM, SamplingParams
     path = make_llm_dir(tmp_path / "m")

@@ -113,7 +113,8 @@ class Sealed(nn.Module):
                 return y if inner.bias is None else y + inner.bias.to(y.dtype)
             if one_row:
                 return linear_one_row(x, inner.weight, inner.bias)
-            return inner(x)
+            if type(inner) is nn.Linear:
+                return inner(x)  # traced: F.linear (an upcast one stays opaque: it picks its kernel by row count)
         if type(inner) in (MLP, UpcastMLP) and one_row:
             if self.cpu_kernel:
                 return torch.ops.dsv2.cpu_mlp(x, *_mlp_weights(inner))
