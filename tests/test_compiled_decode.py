@@ -251,7 +251,7 @@ def test_a_compilation_that_fails_falls_back_to_eager(capsys):
     want = ModelRunner(model, 40, 4, torch.float32).forced_logits(ps, forced)
     runner = ModelRunner(model, 40, 4, torch.float32)
     runner.compiled = compiled_mod.CompiledDecode.__new__(compiled_mod.CompiledDecode)
-    runner.compiled.__dict__.update(runner=runner, compile_s=0.0, _seen=set(), failed=None)
+    runner.compiled.__dict__.update(runner=runner, compile_s=0.0, _seen=set(), failed=None, skip_guards=True)
 
     def broken(rows):
         raise RuntimeError("no luck\nsecond line")
@@ -260,6 +260,32 @@ def test_a_compilation_that_fails_falls_back_to_eager(capsys):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert runner.compiled is None
     assert "compiling the decode step failed: RuntimeError: no luck" in capsys.readouterr().err
+
+
+def test_a_guard_failing_while_guards_are_skipped_turns_them_back_on():
+    """Steps of a built variant skip Dynamo's guards; should one of them fail after all, Dynamo raises rather than
+    recompile. The step then runs with every guard evaluated (compiling what it needs), as do the engine's later
+    steps -- the same logits, nothing lost. Here the compiled function is the eager one behind a stand-in that
+    raises as Dynamo does on the third step."""
+    import torch._dynamo.eval_frame as eval_frame
+    model = tiny_model()
+    ps, forced = prompts([6, 9]), prompts([4, 4], seed=1)
+    want = ModelRunner(model, 40, 4, torch.float32).forced_logits(ps, forced)
+    runner = ModelRunner(model, 40, 4, torch.float32)
+    runner.compiled = compiled_mod.CompiledDecode.__new__(compiled_mod.CompiledDecode)
+    runner.compiled.__dict__.update(runner=runner, compile_s=0.0, _seen=set(), failed=None, skip_guards=True)
+    stances = []
+
+    def stand_in(rows):
+        stances.append(eval_frame._stance.skip_guard_eval_unsafe)
+        if len(stances) == 3:
+            raise RuntimeError("Recompilation triggered with skip_guard_eval_unsafe stance. This usually means ...")
+        return compiled_mod.static_decode(runner, rows)
+    runner.compiled.compiled = stand_in
+    for a, b in zip(want, runner.forced_logits(ps, forced)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert runner.compiled is not None and runner.compiled.failed is None and not runner.compiled.skip_guards
+    assert stances == [False, True, True, False, False]  # compiled; skipped; raised -> again with guards; guards
 
 
 def test_what_cannot_be_compiled_says_why():

@@ -276,6 +276,7 @@ class CompiledDecode:
         self.compile_s = 0.0  # seconds spent in steps that compiled (first use of each specialisation)
         self._seen: set[bool] = set()  # batch == 1, batch > 1: the two specialisations
         self.failed: str | None = None
+        self.skip_guards = True  # False once a built variant's guard failed (see run)
 
     def takes(self, step) -> bool:
         return step.num_decode == len(step.starts) > 0 and not step.prompt_rows
@@ -290,22 +291,31 @@ class CompiledDecode:
         from .runner import StepLogits
         rows = torch.from_numpy(self.rows(step)).to(self.runner.device)
         single = rows.shape[0] == 1
-        if single in self._seen:
+        logits = None
+        if single in self._seen and self.skip_guards:
             # Dynamo's guards skipped but those that tell this function's compiled variants apart (batch 1 or more,
             # which engine): what else they check -- the shapes, dtypes and devices of the weights and caches the
             # graph reads, global modes -- is fixed for the engine's life. Saves ~0.6 ms a step (bench-mini, one
             # sequence: 8.22 -> 7.65 ms a token).
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                logits = self.compiled(rows)
-        else:  # this call compiles: time it, and fall back to eager if it cannot
-            t0 = time.perf_counter()
+            try:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    logits = self.compiled(rows)
+            except RuntimeError as e:
+                if "Recompilation triggered" not in str(e):
+                    raise
+                # A guard of a built variant failed after all (Dynamo raises before running anything): this engine
+                # evaluates every guard from now on, and the step compiles the variant it needs, as below.
+                self.skip_guards = False
+        if logits is None:  # a first use compiles (timed); any call may, with guards on: fall back to eager if not
+            t0, first = time.perf_counter(), single not in self._seen
             try:
                 logits = self.compiled(rows)
             except Exception as e:  # compilation raises before the step runs: the cache is untouched
                 self.failed = f"compiling the decode step failed: {type(e).__name__}: {str(e).splitlines()[0]}"
                 return None
-            self._seen.add(single)
-            self.compile_s += time.perf_counter() - t0
+            if first:
+                self._seen.add(single)
+                self.compile_s += time.perf_counter() - t0
         logits = logits[step.logits_indices]
         return StepLogits(sample=logits[step.sample_rows], prompt={})
 
