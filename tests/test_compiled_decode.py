@@ -245,17 +245,23 @@ def test_without_a_compiler_decode_stays_eager_and_says_why(monkeypatch, capsys)
     assert "decode runs eagerly (no C++ compiler" in capsys.readouterr().err
 
 
+def with_stand_in(runner, compiled):
+    """The runner with a CompiledDecode whose compiled function is `compiled` (rows -> logits)."""
+    runner.compiled = compiled_mod.CompiledDecode.__new__(compiled_mod.CompiledDecode)
+    runner.compiled.__dict__.update(runner=runner, compile_s=0.0, _seen=set(), failed=None, skip_guards=True,
+                                    compiled=compiled)
+    return runner
+
+
+def broken(rows):
+    raise RuntimeError("no luck\nsecond line")
+
+
 def test_a_compilation_that_fails_falls_back_to_eager(capsys):
     model = tiny_model()
     ps, forced = prompts([6, 9]), prompts([3, 3], seed=1)
     want = ModelRunner(model, 40, 4, torch.float32).forced_logits(ps, forced)
-    runner = ModelRunner(model, 40, 4, torch.float32)
-    runner.compiled = compiled_mod.CompiledDecode.__new__(compiled_mod.CompiledDecode)
-    runner.compiled.__dict__.update(runner=runner, compile_s=0.0, _seen=set(), failed=None, skip_guards=True)
-
-    def broken(rows):
-        raise RuntimeError("no luck\nsecond line")
-    runner.compiled.compiled = broken
+    runner = with_stand_in(ModelRunner(model, 40, 4, torch.float32), broken)
     for a, b in zip(want, runner.forced_logits(ps, forced)):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert runner.compiled is None
@@ -271,9 +277,6 @@ def test_a_guard_failing_while_guards_are_skipped_turns_them_back_on():
     model = tiny_model()
     ps, forced = prompts([6, 9]), prompts([4, 4], seed=1)
     want = ModelRunner(model, 40, 4, torch.float32).forced_logits(ps, forced)
-    runner = ModelRunner(model, 40, 4, torch.float32)
-    runner.compiled = compiled_mod.CompiledDecode.__new__(compiled_mod.CompiledDecode)
-    runner.compiled.__dict__.update(runner=runner, compile_s=0.0, _seen=set(), failed=None, skip_guards=True)
     stances = []
 
     def stand_in(rows):
@@ -281,7 +284,7 @@ def test_a_guard_failing_while_guards_are_skipped_turns_them_back_on():
         if len(stances) == 3:
             raise RuntimeError("Recompilation triggered with skip_guard_eval_unsafe stance. This usually means ...")
         return compiled_mod.static_decode(runner, rows)
-    runner.compiled.compiled = stand_in
+    runner = with_stand_in(ModelRunner(model, 40, 4, torch.float32), stand_in)
     for a, b in zip(want, runner.forced_logits(ps, forced)):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert runner.compiled is not None and runner.compiled.failed is None and not runner.compiled.skip_guards
