@@ -15,6 +15,7 @@ import dsv2
 from dsv2.capability import ENV, CpuCapability, cpu_capability, inference_plan
 from dsv2.engine.llm import LLM
 from dsv2.engine.sampling_params import SamplingParams
+from dsv2.kernels import cpu_moe
 from dsv2.model.inference import prepare_for_inference
 from dsv2.model.upcast import UpcastEmbedding, UpcastExperts, UpcastLinear, UpcastMLP, Workspace, upcast_linear
 
@@ -181,16 +182,21 @@ def tiny(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("kernel_rows", [0, 3])  # 3: up to 3 rows in kernels/moe_cpu.cpp (where it is built)
 @pytest.mark.parametrize("workspace", [4 << 20, 1000])  # 1000 floats: the 48 x 64 matrix goes in chunks of 15 rows
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
-def test_upcast_linear_both_kernels_equal_the_fp32_product(rows, workspace):
+def test_upcast_linear_every_kernel_equals_the_fp32_product(rows, workspace, kernel_rows):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(48, 64, generator=g).bfloat16()
     bias = torch.randn(48, generator=g)
     x = torch.randn(rows, 64, generator=g)
-    y = upcast_linear(x, w, bias, gemv_rows=16, workspace=Workspace(workspace))
+    y = upcast_linear(x, w, bias, gemv_rows=16, workspace=Workspace(workspace), kernel_rows=kernel_rows)
     assert y.dtype == torch.float32 and y.shape == (rows, 48)
-    if rows > 16:  # fp32 GEMM on the exact bf16 values
+    if rows <= kernel_rows and cpu_moe.kernel() is not None:  # fp32 rows over the bf16 weight: exact products
+        torch.testing.assert_close(y, x @ w.float().T + bias, rtol=1e-5, atol=1e-5)
+        ref = x.bfloat16().float() @ w.float().T + bias
+        assert (y - ref).abs().max() > 1e-4  # not the GEMV's bf16-rounded activations
+    elif rows > 16:  # fp32 GEMM on the exact bf16 values
         torch.testing.assert_close(y, x @ w.float().T + bias, rtol=1e-5, atol=1e-5)
     else:  # half-precision GEMV: activations rounded to bf16, fp32 accumulation
         ref = x.bfloat16().float() @ w.float().T + bias
@@ -199,19 +205,21 @@ def test_upcast_linear_both_kernels_equal_the_fp32_product(rows, workspace):
 
 def test_upcast_model_equals_the_fp32_model_on_the_same_weights(tiny):
     """bf16 weights computed in fp32 (the AVX2 default) against the same weights loaded as fp32: on the GEMM kernel
-    every product is an fp32 product of identical values; on the GEMV kernel activations are rounded to bf16 on the
-    way in; the default switches per matmul by its row count (routed experts see few rows even in prefill)."""
+    and in the C++ kernel (kernels/moe_cpu.cpp) every product is an fp32 product of identical values; on the GEMV
+    kernel activations are rounded to bf16 on the way in; the default switches per matmul by its row count (routed
+    experts see few rows even in prefill)."""
     fp32 = dsv2.load_model(tiny, dtype=torch.float32)
     plan = inference_plan("cpu", "auto", capability=fake_cpu("avx2"))
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = fp32(ids)
     outs = {}
-    for rows in (0, plan.gemv_rows, 1 << 30):  # all GEMM, the default, all GEMV
-        model = prepare_for_inference(dsv2.load_model(tiny, dtype=torch.bfloat16),
-                                      dataclasses.replace(plan, gemv_rows=rows))
+    variants = {0: dict(gemv_rows=0, upcast_kernel_rows=0), plan.gemv_rows: {},  # all GEMM, the default,
+                1 << 30: dict(gemv_rows=1 << 30, upcast_kernel_rows=0), "kernel": dict(upcast_kernel_rows=1 << 30)}
+    for name, change in variants.items():  # ... all GEMV, all the C++ kernel
+        model = prepare_for_inference(dsv2.load_model(tiny, dtype=torch.bfloat16), dataclasses.replace(plan, **change))
         with torch.no_grad():
-            outs[rows] = model(ids)
+            outs[name] = model(ids)
     kinds = {type(m) for m in model.modules()}
     assert {UpcastLinear, UpcastMLP, UpcastExperts, UpcastEmbedding} <= kinds
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
@@ -219,6 +227,8 @@ def test_upcast_model_equals_the_fp32_model_on_the_same_weights(tiny):
     stored = {p.dtype for n, p in model.named_parameters() if not n.endswith("gate.weight")}
     assert stored == {torch.bfloat16}  # nothing was widened in memory
     torch.testing.assert_close(outs[0], ref, rtol=1e-4, atol=1e-4)
+    if cpu_moe.kernel() is not None:
+        torch.testing.assert_close(outs["kernel"], ref, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # for scale: a model computed in bf16 throughout
         bf16_err = (dsv2.load_model(tiny, dtype=torch.bfloat16)(ids) - ref).abs()
     gemv_err, default_err = (outs[1 << 30] - ref).abs(), (outs[plan.gemv_rows] - ref).abs()

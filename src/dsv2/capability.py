@@ -34,6 +34,11 @@ INT4_GROUP_SIZES = (32, 64, 128)
 # so for bf16 weights computed in fp32, converting the weight and multiplying in fp32 wins from 3 rows on (2048 x
 # 2048, emulated AVX2: 0.83 vs 1.21 ms at 2 rows, 1.23 vs 1.22 at 3, 1.67 vs 1.57 at 4; benchmarks in BENCHMARKS.md)
 UPCAST_GEMV_ROWS = 2
+# Where kernels/moe_cpu.cpp is built, upcast products of up to this many rows run there instead: fp32 activations
+# over the bf16 weights, each weight read once for all rows (real AVX2 AMD EPYC Zen 3, 2 threads, fp32 rows over
+# the mini model's bf16 matrices, kernel time / the GEMV-or-convert path's: 0.25-0.36 at 2 rows, 0.13-0.25 at 4,
+# 0.21-0.40 at 8, 0.35-0.55 at 16, 0.41-0.73 at 32, 0.96-1.09 at 64; the lm_head at 16 rows 17.9 vs 32.5 ms)
+UPCAST_KERNEL_ROWS = 32
 _INTERESTING_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
                       "avx512_fp16", "avx_vnni", "avx512_vnni", "avx_ne_convert", "amx_bf16", "amx_int8", "amx_tile",
                       "asimd", "bf16", "i8mm", "sve", "sve2")
@@ -294,14 +299,21 @@ class InferencePlan:
     int4_kernel: bool = False  # int4 through torch's int4 kernel (CPU: decode rows; CUDA: all rows)
     group_size: int | None = None  # int4: inputs per (scale, zero) pair
     cpu_experts_kernel: bool = False  # routed experts of few tokens through kernels/moe_cpu.cpp (kept plain for it)
+    upcast_kernel_rows: int = UPCAST_KERNEL_ROWS  # upcast linears / MLPs of up to this many rows through that kernel
 
     def kernels(self) -> dict[str, str]:
         """Each kind of matmul -> the kernel that runs it, readable."""
         from .kernels.cpu_moe import EXPERT_ROWS, MLP_ROWS
         c, w = _name(self.compute_dtype), _name(self.weight_dtype)
-        few, many = f"<= {self.gemv_rows} rows (decode)", f"> {self.gemv_rows} rows (prefill, big batches)"
+        kernel = self.weights == "upcast" and self.cpu_experts_kernel and self.upcast_kernel_rows > 0
+        limit = self.upcast_kernel_rows if kernel else self.gemv_rows
+        few, many = f"<= {limit} rows (decode)", f"> {limit} rows (prefill, big batches)"
+        mlp_rows = self.upcast_kernel_rows if kernel else MLP_ROWS
         if self.weights == "packed":
             gemv = gemm = f"oneDNN {w} matmul on prepacked (blocked) weights"
+        elif self.weights == "upcast" and kernel:
+            gemv = f"one C++ call (kernels/moe_cpu.cpp): {c} activations over the {w} weight, read once for all rows"
+            gemm = f"fp32 GEMM: the {w} weight converted to fp32 for each call"
         elif self.weights == "upcast":
             gemv = f"torch {w} GEMV: activations rounded to {w}, fp32 accumulation, output back to {c}"
             gemm = f"fp32 GEMM: the {w} weight converted to fp32 for each call"
@@ -328,7 +340,7 @@ class InferencePlan:
                                + (f"through torch's {w} matmul" if self.weights == "packed" else
                                   "through the linear kernels above")) if self.cpu_experts_kernel else
                               "tokens grouped by expert, each group through the linear kernels above",
-            **({"dense / shared MLPs": f"up to {MLP_ROWS} rows: one C++ call (kernels/moe_cpu.cpp); more: "
+            **({"dense / shared MLPs": f"up to {mlp_rows} rows: one C++ call (kernels/moe_cpu.cpp); more: "
                                        "the linear kernels above"}
                if self.cpu_experts_kernel and self.weights in ("plain", "upcast") else {}),
             "router": "fp32 matmul and softmax (weights kept fp32)",

@@ -94,7 +94,8 @@ def prepare_part(module: nn.Module, plan: InferencePlan, workspace: Workspace) -
     compute, rows, ws = plan.compute_dtype, plan.gemv_rows, workspace
     prepare_attention(module, compute)
     upcast = compute != plan.weight_dtype  # weights stored narrower than the compute dtype
-    keep = (lambda m: UpcastLinear(m, rows, ws)) if upcast else (lambda m: None)
+    kr = plan.upcast_kernel_rows
+    keep = (lambda m: UpcastLinear(m, rows, ws, kr)) if upcast else (lambda m: None)
     if plan.weights == "packed":
         # routed experts stay stacked where the CPU expert kernel runs them (faster than oneDNN's per-expert calls)
         swap_matrices(module, PackedMLP, lambda m, name: keep(m) if name in KEEP_PLAIN else PackedLinear(m),
@@ -113,8 +114,8 @@ def prepare_part(module: nn.Module, plan: InferencePlan, workspace: Workspace) -
             return Int8Linear(m, k8) if name in INT4_AS_INT8 else Int4Linear.from_linear(m, **k)
         swap_matrices(module, lambda m: Int4MLP.from_mlp(m, **k), linear, lambda e: Int4Experts.from_experts(e, **k))
     elif upcast:
-        swap_matrices(module, lambda m: UpcastMLP(m, rows, ws), lambda m, name: UpcastLinear(m, rows, ws),
-                      lambda e: UpcastExperts(e, rows, ws))
+        swap_matrices(module, lambda m: UpcastMLP(m, rows, ws, kr), lambda m, name: UpcastLinear(m, rows, ws, kr),
+                      lambda e: UpcastExperts(e, rows, ws, kr))
     module.requires_grad_(False)
     return module
 
