@@ -10,7 +10,6 @@ between their outputs.
     python benchmarks/cpu_attention_ab.py /tmp/before.cpp src/dsv2/kernels/mla_decode_cpu.cpp
 """
 import argparse
-import ctypes
 import time
 
 import torch
@@ -19,11 +18,11 @@ from dsv2.kernels import cpu_build, cpu_mla
 
 
 def load(source: str):
-    fn = ctypes.CDLL(cpu_build.build(source)).dsv2_mla_decode
-    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    fn.argtypes = [ptr, i32, ptr, i32, ptr, i64, ptr, i64, ptr, i32] + [i32] * 7 + [ctypes.c_float, i32]
-    fn.restype = i32
-    return fn
+    """The decode function of the library built from this version of the source (the signatures cpu_mla declares)."""
+    lib = cpu_build.load(source, cpu_mla.SIGNATURES, f"cannot time {source}")
+    if isinstance(lib, str):
+        raise SystemExit(f"building {source} failed: {lib}")
+    return lib.dsv2_mla_decode
 
 
 def main() -> None:

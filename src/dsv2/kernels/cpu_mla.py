@@ -129,14 +129,19 @@ def amx() -> bool:
     return not isinstance(lib, str) and bool(lib.dsv2_mla_decode_amx())
 
 
+_ptr, _i32, _i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+SIGNATURES = {  # the library's functions: (argtypes, restype)
+    "dsv2_mla_decode": ([_ptr, _i32, _ptr, _i32, _ptr, _i64, _ptr, _i64, _ptr, _i32] + [_i32] * 7
+                        + [ctypes.c_float, _i32], _i32),
+    "dsv2_mla_decode_bf16_dot": ([], _i32),
+    "dsv2_mla_decode_amx": ([], _i32),
+}
+
+
 @functools.cache
 def _load() -> ctypes.CDLL | str:
     """The kernel's library, or why it could not be built (said once on stderr; the SDPA form serves then)."""
-    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    return load(SOURCE, {"dsv2_mla_decode": ([ptr, i32, ptr, i32, ptr, i64, ptr, i64, ptr, i32] + [i32] * 7
-                                             + [ctypes.c_float, i32], i32), "dsv2_mla_decode_bf16_dot": ([], i32),
-                         "dsv2_mla_decode_amx": ([], i32)},
-                "CPU decode attention runs through SDPA, ~2x slower at long contexts")
+    return load(SOURCE, SIGNATURES, "CPU decode attention runs through SDPA, ~2x slower at long contexts")
 
 
 def _build() -> str:
